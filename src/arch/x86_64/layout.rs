@@ -1,0 +1,81 @@
+//! Every fixed guest-physical address, I/O port and IRQ the VMM uses on x86_64.
+//!
+//! Nothing else in the crate hard-codes one of these numbers: device wiring, boot structures and
+//! the e820 map all refer to the constants here, so the whole memory map can be read in one place.
+//!
+//! ```text
+//! 0x0000_0500  GDT                      0x0009_fc00  EBDA (reserved in e820)
+//! 0x0000_0520  IDT (empty)              0x000f_0000  MP table (BIOS area, reserved)
+//! 0x0000_6000  PVH start info + memmap  0x0010_0000  kernel (HIMEM_START)
+//! 0x0000_7000  zero page (boot_params)  ...          initrd at the top of low RAM
+//! 0x0000_8ff0  boot stack top           0xc000_0000  MMIO gap: virtio-mmio slots, IOAPIC, LAPIC
+//! 0x0000_9000  PML4, PDPT, PD           0x1_0000_0000 RAM above 4 GiB when memory > 3 GiB
+//! 0x0002_0000  kernel command line
+//! ```
+
+/// Start of the GDT the vCPUs boot with.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Start of the (empty) IDT the vCPUs boot with.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// PVH `hvm_start_info`, followed by its memory map and module list.
+pub const PVH_INFO_START: u64 = 0x6000;
+/// The zero page (`struct boot_params`) for the Linux 64-bit boot protocol.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer of the boot vCPU (grows down, below the page tables).
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Level-4 page table of the identity map used to enter long mode.
+pub const PML4_START: u64 = 0x9000;
+/// Page-directory-pointer table of the identity map.
+pub const PDPTE_START: u64 = 0xa000;
+/// Page directory of the identity map (2 MiB pages).
+pub const PDE_START: u64 = 0xb000;
+/// The kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Largest command line the x86 kernel accepts (`COMMAND_LINE_SIZE` since Linux 2.6.x).
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+
+/// Start of the Extended BIOS Data Area; RAM below it is the usable low memory.
+pub const EBDA_START: u64 = 0x9fc00;
+/// Start of the BIOS ROM area, one of the three places the kernel scans for an MP table.
+pub const MPTABLE_START: u64 = 0xf0000;
+/// End of the legacy (real-mode) region.
+pub const BIOS_END: u64 = 0x10_0000;
+/// Where high memory starts and the kernel is loaded (the boot protocol's default).
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// Start of the 32-bit MMIO gap; guest RAM above this goes above 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the 32-bit MMIO gap (4 GiB).
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// First virtio-mmio slot; each device gets `VIRTIO_MMIO_SLOT_SIZE` bytes.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// Size of one virtio-mmio slot.
+pub const VIRTIO_MMIO_SLOT_SIZE: u64 = 0x1000;
+/// Default IOAPIC base address (where the MP table tells the guest to find it).
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Default local APIC base address.
+pub const APIC_START: u64 = 0xfee0_0000;
+/// Three pages KVM needs for the TSS on Intel (`KVM_SET_TSS_ADDR`), inside the MMIO gap.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+
+/// The identity map built for long mode covers this much (1 GiB of 2 MiB pages).
+pub const IDENTITY_MAP_SIZE: u64 = 1 << 30;
+
+/// Legacy COM1: the console UART.
+pub const COM1_PORT: u16 = 0x3f8;
+/// IRQ of COM1.
+pub const COM1_IRQ: u32 = 4;
+/// Legacy COM2: the data-channel UART.
+pub const COM2_PORT: u16 = 0x2f8;
+/// IRQ of COM2.
+pub const COM2_IRQ: u32 = 3;
+/// Number of I/O ports a 16550A occupies.
+pub const UART_PORT_LEN: u16 = 8;
+/// The i8042 keyboard controller's data and command/status ports (0x60 and 0x64).
+pub const I8042_PORT: u16 = 0x60;
+/// The i8042 spans 0x60..=0x64.
+pub const I8042_PORT_LEN: u16 = 5;
+/// Number of IOAPIC pins the in-kernel irqchip has (and the MP table declares).
+pub const IOAPIC_NUM_PINS: u32 = 24;
+/// First IRQ free for devices after the ISA legacy ones (virtio-mmio devices start here).
+pub const IRQ_DEVICE_START: u32 = 5;

@@ -1,0 +1,8 @@
+//! x86_64: the memory layout, kernel loading and boot parameters, vCPU register state,
+//! CPUID and the MP table.
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod mptable;
+pub mod regs;

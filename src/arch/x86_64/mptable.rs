@@ -1,0 +1,244 @@
+//! The Intel MultiProcessor Specification 1.4 table: how a guest without ACPI learns its CPUs,
+//! its IOAPIC and how ISA interrupts are wired.
+//!
+//! The table is serialised by hand (little-endian fields, spec chapter 4) rather than through
+//! `repr(packed)` structs, which keeps this module free of `unsafe`.
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::layout::{APIC_START, BIOS_END, IOAPIC_NUM_PINS, IOAPIC_START, MPTABLE_START};
+use crate::vstate::memory::GuestMemoryMmap;
+
+const MPF_SIGNATURE: &[u8; 4] = b"_MP_";
+const MPC_SIGNATURE: &[u8; 4] = b"PCMP";
+const MPC_OEM: &[u8; 8] = b"FERROVM ";
+const MPC_PRODUCT_ID: &[u8; 12] = b"MICROVM     ";
+const MP_SPEC_REV: u8 = 4;
+const MPF_SIZE: usize = 16;
+const MPC_HEADER_SIZE: usize = 44;
+
+const MP_PROCESSOR: u8 = 0;
+const MP_BUS: u8 = 1;
+const MP_IOAPIC: u8 = 2;
+const MP_INTSRC: u8 = 3;
+const MP_LINTSRC: u8 = 4;
+
+const CPU_ENABLED: u8 = 1;
+const CPU_BOOTPROCESSOR: u8 = 2;
+/// Family 6 as reported in the processor entries' signature.
+const CPU_STEPPING: u32 = 0x600;
+/// Feature flags in processor entries: on-chip APIC and FPU.
+const CPU_FEATURE_APIC: u32 = 0x200;
+const CPU_FEATURE_FPU: u32 = 0x001;
+/// Version numbers of an integrated local APIC / IOAPIC as KVM emulates them.
+const APIC_VERSION: u8 = 0x14;
+const IOAPIC_VERSION: u8 = 0x11;
+const MPC_APIC_USABLE: u8 = 1;
+
+const MP_IRQTYPE_INT: u8 = 0;
+const MP_IRQTYPE_NMI: u8 = 1;
+const MP_IRQTYPE_EXTINT: u8 = 3;
+/// Polarity and trigger "conforms to the bus".
+const MP_IRQFLAG_DEFAULT: u16 = 0;
+const BUS_ID_ISA: u8 = 0;
+const BUS_TYPE_ISA: &[u8; 6] = b"ISA   ";
+
+/// Errors writing the MP table.
+#[derive(Debug, thiserror::Error)]
+pub enum MptableError {
+    #[error("The MP table for {0} vCPUs does not fit in the BIOS area")]
+    TooLarge(u8),
+    #[error("Failed to write the MP table to guest memory")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+/// APIC id of the IOAPIC: after the CPUs' ids so the two never clash.
+pub fn ioapic_id(num_cpus: u8) -> u8 {
+    num_cpus + 1
+}
+
+/// Serialises the floating pointer followed by the configuration table, as laid out at `base`.
+pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
+    let ioapic = ioapic_id(num_cpus);
+    let mut entries = Vec::new();
+    let mut count: u16 = 0;
+
+    for cpu in 0..num_cpus {
+        let flags = CPU_ENABLED | if cpu == 0 { CPU_BOOTPROCESSOR } else { 0 };
+        entries.extend_from_slice(&[MP_PROCESSOR, cpu, APIC_VERSION, flags]);
+        entries.extend_from_slice(&CPU_STEPPING.to_le_bytes());
+        entries.extend_from_slice(&(CPU_FEATURE_APIC | CPU_FEATURE_FPU).to_le_bytes());
+        entries.extend_from_slice(&[0u8; 8]);
+        count += 1;
+    }
+
+    entries.extend_from_slice(&[MP_BUS, BUS_ID_ISA]);
+    entries.extend_from_slice(BUS_TYPE_ISA);
+    count += 1;
+
+    entries.extend_from_slice(&[MP_IOAPIC, ioapic, IOAPIC_VERSION, MPC_APIC_USABLE]);
+    entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    count += 1;
+
+    // Every IOAPIC pin is wired 1:1 to the ISA IRQ of the same number, which is how KVM's
+    // default GSI routing connects its in-kernel PIC and IOAPIC.
+    for pin in 0..IOAPIC_NUM_PINS as u8 {
+        entries.push(MP_INTSRC);
+        entries.push(MP_IRQTYPE_INT);
+        entries.extend_from_slice(&MP_IRQFLAG_DEFAULT.to_le_bytes());
+        entries.extend_from_slice(&[BUS_ID_ISA, pin, ioapic, pin]);
+        count += 1;
+    }
+
+    // LINT0 of every local APIC carries the 8259 (ExtINT), LINT1 the NMI: virtual wire mode.
+    for (kind, dest_apic, lint) in [(MP_IRQTYPE_EXTINT, 0u8, 0u8), (MP_IRQTYPE_NMI, 0xff, 1)] {
+        entries.push(MP_LINTSRC);
+        entries.push(kind);
+        entries.extend_from_slice(&MP_IRQFLAG_DEFAULT.to_le_bytes());
+        entries.extend_from_slice(&[BUS_ID_ISA, 0, dest_apic, lint]);
+        count += 1;
+    }
+
+    let table_addr = base + MPF_SIZE as u64;
+    let table_len = MPC_HEADER_SIZE + entries.len();
+    let mut table = Vec::with_capacity(table_len);
+    table.extend_from_slice(MPC_SIGNATURE);
+    table.extend_from_slice(&(table_len as u16).to_le_bytes());
+    table.push(MP_SPEC_REV);
+    table.push(0); // checksum, below
+    table.extend_from_slice(MPC_OEM);
+    table.extend_from_slice(MPC_PRODUCT_ID);
+    table.extend_from_slice(&0u32.to_le_bytes()); // OEM table pointer
+    table.extend_from_slice(&0u16.to_le_bytes()); // OEM table size
+    table.extend_from_slice(&count.to_le_bytes());
+    table.extend_from_slice(&(APIC_START as u32).to_le_bytes());
+    table.extend_from_slice(&0u32.to_le_bytes()); // extended table length/checksum
+    table.extend_from_slice(&entries);
+    table[7] = checksum(&table);
+
+    let mut mpf = Vec::with_capacity(MPF_SIZE);
+    mpf.extend_from_slice(MPF_SIGNATURE);
+    mpf.extend_from_slice(&(table_addr as u32).to_le_bytes());
+    mpf.push(1); // length in 16-byte paragraphs
+    mpf.push(MP_SPEC_REV);
+    mpf.push(0); // checksum, below
+    mpf.extend_from_slice(&[0u8; 5]); // feature bytes: table present, no IMCR
+    mpf[10] = checksum(&mpf);
+
+    mpf.extend_from_slice(&table);
+    mpf
+}
+
+/// Writes the MP table into the BIOS area where the kernel scans for it.
+pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableError> {
+    let bytes = build(num_cpus, MPTABLE_START);
+    if MPTABLE_START + bytes.len() as u64 > BIOS_END {
+        return Err(MptableError::TooLarge(num_cpus));
+    }
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
+        .map_err(MptableError::Write)
+}
+
+/// The byte that makes `data` sum to zero modulo 256.
+fn checksum(data: &[u8]) -> u8 {
+    data.iter().fold(0u8, |acc, b| acc.wrapping_sub(*b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::memory::create_guest_memory;
+
+    fn sum(data: &[u8]) -> u8 {
+        data.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+    }
+
+    /// Parses the entries back the way Linux's `smp_read_mpc` walks them.
+    fn parse_entries(table: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut off = MPC_HEADER_SIZE;
+        while off < table.len() {
+            let len = if table[off] == MP_PROCESSOR { 20 } else { 8 };
+            out.push((table[off], table[off..off + len].to_vec()));
+            off += len;
+        }
+        out
+    }
+
+    #[test]
+    fn floating_pointer_is_valid_and_points_at_table() {
+        let b = build(2, MPTABLE_START);
+        assert_eq!(&b[..4], MPF_SIGNATURE);
+        assert_eq!(sum(&b[..16]), 0);
+        let ptr = u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64;
+        assert_eq!(ptr, MPTABLE_START + 16);
+        assert_eq!(b[9], MP_SPEC_REV);
+    }
+
+    #[test]
+    fn table_checksum_length_and_count_are_right() {
+        for cpus in [1u8, 4, 32] {
+            let b = build(cpus, MPTABLE_START);
+            let table = &b[16..];
+            assert_eq!(&table[..4], MPC_SIGNATURE);
+            let len = u16::from_le_bytes([table[4], table[5]]) as usize;
+            assert_eq!(len, table.len());
+            assert_eq!(sum(table), 0, "checksum with {cpus} cpus");
+            let count = u16::from_le_bytes([table[34], table[35]]) as usize;
+            assert_eq!(count, parse_entries(table).len());
+            let lapic = u32::from_le_bytes(table[36..40].try_into().unwrap()) as u64;
+            assert_eq!(lapic, APIC_START);
+        }
+    }
+
+    #[test]
+    fn one_processor_entry_per_cpu_with_bsp_first() {
+        let b = build(4, MPTABLE_START);
+        let cpus: Vec<_> = parse_entries(&b[16..])
+            .into_iter()
+            .filter(|(t, _)| *t == MP_PROCESSOR)
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(cpus.len(), 4);
+        for (i, e) in cpus.iter().enumerate() {
+            assert_eq!(e[1] as usize, i, "APIC id");
+            assert_eq!(e[3] & CPU_ENABLED, CPU_ENABLED);
+            assert_eq!(e[3] & CPU_BOOTPROCESSOR != 0, i == 0);
+        }
+    }
+
+    #[test]
+    fn ioapic_and_interrupt_routing() {
+        let b = build(3, MPTABLE_START);
+        let entries = parse_entries(&b[16..]);
+        let ioapics: Vec<_> = entries.iter().filter(|(t, _)| *t == MP_IOAPIC).collect();
+        assert_eq!(ioapics.len(), 1);
+        let io = &ioapics[0].1;
+        assert_eq!(io[1], ioapic_id(3));
+        assert_eq!(
+            u32::from_le_bytes(io[4..8].try_into().unwrap()) as u64,
+            IOAPIC_START
+        );
+
+        let intsrc: Vec<_> = entries.iter().filter(|(t, _)| *t == MP_INTSRC).collect();
+        assert_eq!(intsrc.len(), IOAPIC_NUM_PINS as usize);
+        // COM1's IRQ 4 reaches IOAPIC pin 4.
+        let com1 = intsrc.iter().find(|(_, e)| e[5] == 4).unwrap();
+        assert_eq!((com1.1[6], com1.1[7]), (ioapic_id(3), 4));
+
+        let lint: Vec<_> = entries.iter().filter(|(t, _)| *t == MP_LINTSRC).collect();
+        assert_eq!(lint.len(), 2);
+        assert_eq!(lint[0].1[1], MP_IRQTYPE_EXTINT);
+        assert_eq!(lint[1].1[1], MP_IRQTYPE_NMI);
+    }
+
+    #[test]
+    fn largest_table_fits_in_bios_area_and_is_written() {
+        let mem = create_guest_memory(32 << 20).unwrap();
+        setup_mptable(&mem, crate::config::MAX_VCPUS).unwrap();
+        let mut sig = [0u8; 4];
+        mem.read_slice(&mut sig, GuestAddress(MPTABLE_START))
+            .unwrap();
+        assert_eq!(&sig, MPF_SIGNATURE);
+    }
+}

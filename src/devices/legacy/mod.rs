@@ -1,0 +1,7 @@
+//! Legacy PC devices every x86 guest expects.
+
+pub mod i8042;
+pub mod serial;
+
+pub use i8042::I8042;
+pub use serial::{SerialDevice, SerialInputHandler};

@@ -1,0 +1,401 @@
+//! A 16550A UART: vm-superio's register model behind the bus, raising its IRQ through an
+//! eventfd (registered as an irqfd), with host input fed from the event loop.
+//!
+//! Input flow control: the event loop only reads the host side while the UART's 64-byte FIFO
+//! has room; when the guest drains the FIFO, vm-superio's `in_buffer_empty` event wakes the
+//! loop through `buffer_ready` to read more. Host input is never dropped.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use log::{error, warn};
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::bus::BusDevice;
+
+/// Raises an interrupt by writing to an eventfd that KVM watches as an irqfd.
+#[derive(Debug)]
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    pub fn new(evt: EventFd) -> Self {
+        Self(evt)
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Signals the event loop when the guest has emptied the receive FIFO.
+#[derive(Debug)]
+pub struct SerialEventsNotifier {
+    buffer_ready: EventFd,
+}
+
+impl SerialEvents for SerialEventsNotifier {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {
+        warn!("serial: lost an output byte (the output backend failed)");
+    }
+    fn in_buffer_empty(&self) {
+        if let Err(e) = self.buffer_ready.write(1) {
+            error!("serial: failed to signal an empty input buffer: {e}");
+        }
+    }
+}
+
+/// The UART as a bus device.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, SerialEventsNotifier, Box<dyn Write + Send>>,
+}
+
+impl SerialDevice {
+    /// A UART raising `irq_evt` and writing guest output to `out`.
+    pub fn new(irq_evt: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
+        let buffer_ready = EventFd::new(libc::EFD_NONBLOCK)?;
+        Ok(Self {
+            serial: Serial::with_events(
+                EventFdTrigger::new(irq_evt),
+                SerialEventsNotifier { buffer_ready },
+                out,
+            ),
+        })
+    }
+
+    /// The eventfd that fires when the receive FIFO has been drained by the guest.
+    pub fn buffer_ready_evt(&self) -> io::Result<EventFd> {
+        self.serial.events().buffer_ready.try_clone()
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn fifo_capacity(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+
+    /// Queues host input for the guest; returns how many bytes fit.
+    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("serial: failed to queue input: {e:?}");
+                0
+            }
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() != 1 {
+            warn!(
+                "serial: {}-byte read at offset {offset} ignored",
+                data.len()
+            );
+            data.fill(0xff);
+            return;
+        }
+        data[0] = self.serial.read(offset as u8);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() != 1 {
+            warn!(
+                "serial: {}-byte write at offset {offset} ignored",
+                data.len()
+            );
+            return;
+        }
+        if let Err(e) = self.serial.write(offset as u8, data[0]) {
+            warn!("serial: write to register {offset} failed: {e:?}");
+        }
+    }
+}
+
+/// What the input side of a serial port reads from (stdin in practice, a pipe in tests).
+pub trait SerialInput: Read + AsRawFd + Send {}
+impl<T: Read + AsRawFd + Send> SerialInput for T {}
+
+/// Stdin as a serial input. Regular files and /dev/null cannot be watched with epoll, so
+/// those are forwarded through a pipe by a small thread; terminals and pipes are used as is.
+pub fn stdin_input() -> io::Result<Box<dyn SerialInput>> {
+    let stdin = io::stdin();
+    if is_pollable(stdin.as_raw_fd()) {
+        return Ok(Box::new(stdin));
+    }
+    let (reader, mut writer) = io::pipe()?;
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            // Ends at EOF (closing the pipe, which the handler sees as EOF) or when the VMM
+            // exits; the pipe's capacity gives back-pressure while the guest is slow.
+            let _ = io::copy(&mut io::stdin().lock(), &mut writer);
+        })?;
+    Ok(Box::new(reader))
+}
+
+fn is_pollable(fd: RawFd) -> bool {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
+    let Ok(epoll) = Epoll::new() else {
+        return false;
+    };
+    epoll
+        .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+        .is_ok()
+}
+
+const EVT_INPUT: u32 = 0;
+const EVT_BUFFER_READY: u32 = 1;
+
+/// Event-loop side of a serial port: moves host input into the UART.
+pub struct SerialInputHandler {
+    device: Arc<Mutex<SerialDevice>>,
+    input: Box<dyn SerialInput>,
+    buffer_ready: EventFd,
+    /// Input is registered with the event loop (false while the FIFO is full or after EOF).
+    polling_input: bool,
+    eof: bool,
+}
+
+impl SerialInputHandler {
+    pub fn new(device: Arc<Mutex<SerialDevice>>, input: Box<dyn SerialInput>) -> io::Result<Self> {
+        let buffer_ready = lock(&device).buffer_ready_evt()?;
+        Ok(Self {
+            device,
+            input,
+            buffer_ready,
+            polling_input: false,
+            eof: false,
+        })
+    }
+
+    fn input_fd(&self) -> RawFd {
+        self.input.as_raw_fd()
+    }
+
+    /// Moves as much input as the FIFO takes; returns false when the FIFO is full.
+    fn pump_input(&mut self) -> bool {
+        let mut dev = lock(&self.device);
+        let room = dev.fifo_capacity();
+        if room == 0 {
+            return false;
+        }
+        let mut buf = [0u8; 64];
+        match self.input.read(&mut buf[..room.min(64)]) {
+            Ok(0) => {
+                self.eof = true;
+                true
+            }
+            Ok(n) => {
+                let queued = dev.enqueue(&buf[..n]);
+                debug_assert_eq!(queued, n, "read no more than the FIFO's room");
+                dev.fifo_capacity() > 0
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                true
+            }
+            Err(e) => {
+                warn!("serial: reading input failed, input disabled: {e}");
+                self.eof = true;
+                true
+            }
+        }
+    }
+
+    fn set_input_polling(&mut self, ops: &mut EventOps, on: bool) {
+        if on == self.polling_input {
+            return;
+        }
+        let ev = Events::with_data_raw(self.input_fd(), EVT_INPUT, EventSet::IN);
+        let res = if on { ops.add(ev) } else { ops.remove(ev) };
+        match res {
+            Ok(()) => self.polling_input = on,
+            Err(e) => error!(
+                "serial: failed to {} input polling: {e:?}",
+                if on { "start" } else { "stop" }
+            ),
+        }
+    }
+}
+
+impl MutEventSubscriber for SerialInputHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.buffer_ready,
+            EVT_BUFFER_READY,
+            EventSet::IN,
+        )) {
+            error!("serial: failed to register the buffer-ready event: {e:?}");
+        }
+        self.set_input_polling(ops, true);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            EVT_INPUT => {
+                let has_room = if events.event_set().contains(EventSet::IN) {
+                    self.pump_input()
+                } else {
+                    // HUP/ERR without data: the input side is gone.
+                    self.eof = true;
+                    true
+                };
+                if self.eof || !has_room {
+                    self.set_input_polling(ops, false);
+                }
+            }
+            EVT_BUFFER_READY => {
+                let _ = self.buffer_ready.read();
+                if !self.eof {
+                    self.set_input_polling(ops, true);
+                }
+            }
+            other => warn!("serial: unexpected event data {other}"),
+        }
+    }
+}
+
+fn lock(dev: &Arc<Mutex<SerialDevice>>) -> std::sync::MutexGuard<'_, SerialDevice> {
+    dev.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An output sink the test can inspect after the device owns it.
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for SharedBuf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const DATA: u64 = 0;
+    const IER: u64 = 1;
+    const IIR: u64 = 2;
+    const LSR: u64 = 5;
+    const LSR_DATA_READY: u8 = 1;
+    const LSR_THR_EMPTY: u8 = 0x20;
+
+    fn device() -> (SerialDevice, EventFd, SharedBuf) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let out = SharedBuf::default();
+        let dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone())).unwrap();
+        (dev, irq, out)
+    }
+
+    fn rd(dev: &mut SerialDevice, off: u64) -> u8 {
+        let mut b = [0u8];
+        dev.read(off, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn guest_output_reaches_backend() {
+        let (mut dev, _irq, out) = device();
+        for b in b"hello\n" {
+            dev.write(DATA, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hello\n");
+        assert_ne!(rd(&mut dev, LSR) & LSR_THR_EMPTY, 0);
+    }
+
+    #[test]
+    fn thr_empty_interrupt_fires_when_enabled() {
+        let (mut dev, irq, _out) = device();
+        dev.write(IER, &[0x2]); // ETBEI
+        assert_eq!(
+            irq.read().unwrap(),
+            1,
+            "enabling THRE with an empty THR raises the IRQ"
+        );
+        assert_eq!(rd(&mut dev, IIR) & 0xf, 0x2, "IIR says THR empty");
+        dev.write(DATA, b"x");
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(rd(&mut dev, IIR) & 0xf, 0x2, "IIR says THR empty");
+    }
+
+    #[test]
+    fn input_is_queued_and_read_back_with_irq() {
+        let (mut dev, irq, _out) = device();
+        dev.write(IER, &[0x1]); // ERBFI
+        assert_eq!(dev.enqueue(b"ab"), 2);
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_ne!(rd(&mut dev, LSR) & LSR_DATA_READY, 0);
+        assert_eq!(rd(&mut dev, DATA), b'a');
+        assert_eq!(rd(&mut dev, DATA), b'b');
+        assert_eq!(rd(&mut dev, LSR) & LSR_DATA_READY, 0);
+    }
+
+    #[test]
+    fn fifo_fills_and_drain_signals_buffer_ready() {
+        let (mut dev, _irq, _out) = device();
+        let ready = dev.buffer_ready_evt().unwrap();
+        let big = [b'z'; 100];
+        assert_eq!(dev.enqueue(&big), 64);
+        assert_eq!(dev.fifo_capacity(), 0);
+        assert_eq!(dev.enqueue(&big), 0);
+        for _ in 0..64 {
+            assert_eq!(rd(&mut dev, DATA), b'z');
+        }
+        assert_eq!(ready.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn wide_accesses_are_ignored() {
+        let (mut dev, _irq, out) = device();
+        dev.write(DATA, b"ab");
+        assert!(out.0.lock().unwrap().is_empty());
+        let mut b = [0u8; 2];
+        dev.read(LSR, &mut b);
+        assert_eq!(b, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn pipes_are_pollable_regular_files_are_not() {
+        let (r, _w) = std::io::pipe().unwrap();
+        assert!(is_pollable(r.as_raw_fd()));
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        assert!(!is_pollable(f.as_file().as_raw_fd()));
+    }
+
+    #[test]
+    fn input_handler_respects_fifo_room() {
+        let (dev, _irq, _out) = device();
+        let dev = Arc::new(Mutex::new(dev));
+        let (r, mut w) = std::io::pipe().unwrap();
+        w.write_all(&[b'q'; 100]).unwrap();
+        drop(w);
+        let mut h = SerialInputHandler::new(dev.clone(), Box::new(r)).unwrap();
+        assert!(!h.pump_input(), "the FIFO is full after one read");
+        assert_eq!(lock(&dev).fifo_capacity(), 0, "filled exactly to 64 bytes");
+        for _ in 0..64 {
+            assert_eq!(rd(&mut lock(&dev), DATA), b'q');
+        }
+        // Nothing was lost: the other 36 bytes were left in the pipe.
+        assert!(h.pump_input());
+        assert_eq!(lock(&dev).fifo_capacity(), 64 - 36);
+        assert!(!h.eof);
+        h.pump_input();
+        assert!(h.eof, "EOF seen once the pipe is drained");
+    }
+}

@@ -1,0 +1,105 @@
+//! The `ferrovm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ferrovm::config::{SerialBackend, DEFAULT_CMDLINE};
+use ferrovm::{terminal, VmConfig, Vmm};
+
+/// A micro-VMM on KVM: boots a Linux kernel with emulated and paravirtual devices.
+#[derive(Parser)]
+#[command(name = "ferrovm", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a Linux guest and run it until it powers off, reboots or crashes.
+    ///
+    /// Exit status: 0 when the guest powers off or reboots, 1 when it crashes (triple fault,
+    /// KVM error) or the VM cannot be built, 128+N when stopped by signal N (SIGINT, SIGTERM,
+    /// SIGHUP stop it cleanly), 2 for a bad command line.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Guest kernel: an uncompressed ELF vmlinux (booted through PVH when it has the PVH
+    /// note, else the 64-bit boot protocol) or a bzImage (boot protocol 2.12+)
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initramfs (cpio archive, optionally compressed) handed to the kernel
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line; anything after " -- " is passed to init as arguments
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+
+    /// Number of vCPUs (1 to 32), each on its own host thread
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+
+    /// Guest memory in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u64,
+
+    /// Where the guest's console UART (ttyS0) goes: "stdio" (terminal in raw mode while the
+    /// guest runs), "file=PATH" (output only) or "none"
+    #[arg(long, value_name = "BACKEND", default_value = "stdio")]
+    serial: SerialBackend,
+}
+
+impl From<RunArgs> for VmConfig {
+    fn from(a: RunArgs) -> Self {
+        VmConfig {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+            vcpus: a.cpus,
+            mem_mib: a.memory,
+            serial: a.serial,
+        }
+    }
+}
+
+/// Prints an error and its causes on one line, each cause once.
+fn print_error(err: &dyn std::error::Error) {
+    let mut line = format!("ferrovm: error: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        line.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{line}");
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_millis()
+        .init();
+    terminal::install_panic_restore();
+
+    let Command::Run(args) = Cli::parse().command;
+    let cfg = VmConfig::from(args);
+    let result = Vmm::build(&cfg).and_then(Vmm::run);
+    match result {
+        Ok(reason) => {
+            let code = reason.exit_code();
+            if code != 0 {
+                eprintln!("ferrovm: {reason}");
+            } else {
+                log::info!("{reason}");
+            }
+            ExitCode::from(code as u8)
+        }
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}

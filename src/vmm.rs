@@ -1,0 +1,363 @@
+//! Building and running a VM: `Vmm::build` reads top to bottom as the boot sequence
+//! (KVM, memory, devices, kernel, MP table, vCPUs), `Vmm::run` starts the vCPUs and runs the
+//! event loop on the calling thread until the guest or the user ends the VM.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use log::{debug, error, info, warn};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal};
+
+use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError};
+use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
+use crate::config::{ConfigError, SerialBackend, VmConfig};
+use crate::devices::legacy::serial::stdin_input;
+use crate::devices::legacy::SerialInputHandler;
+use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::devices::Bus;
+use crate::terminal::RawTerminal;
+use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::vstate::vcpu::{
+    register_kick_handler, GuestExit, Vcpu, VcpuError, VcpuHandle, VmRunState,
+};
+use crate::vstate::vm::{KvmVm, VmError};
+
+/// How often the event loop checks for a powered-off guest (all vCPUs halted for good).
+const HALT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Signals that stop the VM cleanly.
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// The termination signal received, 0 if none; set by the signal handler.
+static TERMINATION: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_termination_signal(
+    num: libc::c_int,
+    _: *mut libc::siginfo_t,
+    _: *mut libc::c_void,
+) {
+    TERMINATION.store(num, Ordering::SeqCst);
+}
+
+/// Errors building or running the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Mptable(#[from] MptableError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("Failed to open the serial output file {path}")]
+    SerialFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to connect stdin to the serial port")]
+    SerialInput(#[source] std::io::Error),
+    #[error("Failed to set up the event loop")]
+    EventLoop(#[source] event_manager::Error),
+    #[error("Failed to set up the terminal")]
+    Terminal(#[source] std::io::Error),
+    #[error("Failed to install a signal handler")]
+    Signals(#[source] vmm_sys_util::errno::Error),
+    #[error("Failed to change the signal mask: {0}")]
+    SignalMask(String),
+    #[error("Failed to create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    Guest(GuestExit),
+    /// The VMM received this termination signal.
+    Signal(i32),
+}
+
+impl ExitReason {
+    /// The process exit status: 0 when the guest ended on purpose, 128+N for signal N (as
+    /// shells report it), 1 when the guest crashed or KVM failed.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Guest(g) if g.is_clean() => 0,
+            Self::Guest(_) => 1,
+            Self::Signal(n) => 128 + n,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Guest(g) => g.fmt(f),
+            Self::Signal(n) => write!(f, "stopped by signal {}", signal_name(*n)),
+        }
+    }
+}
+
+fn signal_name(n: i32) -> String {
+    match n {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        other => other.to_string(),
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A VM ready to run.
+pub struct Vmm {
+    // Declared before `mem` so vCPUs and the VM go away before the memory they map.
+    vcpus: Vec<Vcpu>,
+    _vm: KvmVm,
+    _mem: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    event_manager: EventManager<Subscriber>,
+    run_state: Arc<VmRunState>,
+    raw_terminal: bool,
+}
+
+impl Vmm {
+    /// Validates `cfg` and builds the whole VM; nothing runs yet.
+    pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
+        cfg.validate()?;
+        // Bad kernel or initrd files are reported before KVM is touched.
+        let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
+        let (serial_out, serial_in) = open_serial_backend(&cfg.serial)?;
+
+        let vm = KvmVm::new(cfg.vcpus)?;
+        let mem = create_guest_memory(cfg.mem_bytes())?;
+        vm.register_memory(&mem)?;
+
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        let mut devices = DeviceManager::new();
+        let serial = devices.attach_serial(&vm, serial_out)?;
+        if serial_in {
+            let input = stdin_input()
+                .and_then(|stdin| SerialInputHandler::new(serial, stdin))
+                .map_err(VmmError::SerialInput)?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(input)));
+        }
+        let reset_evt = devices.attach_i8042()?;
+
+        let cmdline = build_cmdline(&cfg.cmdline, devices.cmdline_extra())?;
+        debug!(
+            "Kernel command line: {}",
+            cmdline
+                .as_cstring()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let entry = load_kernel(&mem, &boot_plan, &cmdline)?;
+        info!(
+            "Kernel {} loaded, entry {:#x} ({:?})",
+            cfg.kernel.display(),
+            entry.entry.0,
+            entry.protocol
+        );
+        setup_mptable(&mem, cfg.vcpus)?;
+
+        let cpuid = vm.supported_cpuid()?;
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
+            let vcpu = Vcpu::new(id, vm.create_vcpu(id)?);
+            vcpu.configure(&cpuid, cfg.vcpus, &mem, &entry)?;
+            vcpus.push(vcpu);
+        }
+
+        let run_state = Arc::new(VmRunState::new(cfg.vcpus).map_err(VmmError::EventFd)?);
+        let lifecycle = LifecycleHandler {
+            reset_evt,
+            run_state: run_state.clone(),
+        };
+        event_manager.add_subscriber(Arc::new(Mutex::new(lifecycle)));
+
+        let (pio, mmio) = devices.into_buses();
+        Ok(Self {
+            vcpus,
+            _vm: vm,
+            _mem: mem,
+            pio,
+            mmio,
+            event_manager,
+            run_state,
+            raw_terminal: cfg.serial == SerialBackend::Stdio,
+        })
+    }
+
+    /// Runs the guest until it powers off, reboots or crashes, or a termination signal
+    /// arrives; the terminal is restored whatever happens.
+    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+        register_kick_handler()?;
+        for sig in TERMINATION_SIGNALS {
+            register_signal_handler(sig, on_termination_signal).map_err(VmmError::Signals)?;
+        }
+        let _terminal = if self.raw_terminal {
+            RawTerminal::stdin().map_err(VmmError::Terminal)?
+        } else {
+            None
+        };
+
+        // vCPU threads inherit the mask: termination signals go to this thread only.
+        for sig in TERMINATION_SIGNALS {
+            block_signal(sig).map_err(|e| VmmError::SignalMask(e.to_string()))?;
+        }
+        let mut handles = Vec::with_capacity(self.vcpus.len());
+        let mut start_err = None;
+        for vcpu in self.vcpus.drain(..) {
+            match vcpu.start(self.pio.clone(), self.mmio.clone(), self.run_state.clone()) {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    start_err = Some(e);
+                    break;
+                }
+            }
+        }
+        for sig in TERMINATION_SIGNALS {
+            unblock_signal(sig).map_err(|e| VmmError::SignalMask(e.to_string()))?;
+        }
+
+        let result = match start_err {
+            Some(e) => Err(e.into()),
+            None => self.event_loop(&handles),
+        };
+        self.run_state.request_stop();
+        for h in &handles {
+            h.kick();
+        }
+        for h in handles {
+            h.join();
+        }
+        result
+    }
+
+    fn event_loop(&mut self, vcpus: &[VcpuHandle]) -> Result<ExitReason, VmmError> {
+        let mut last_poll = Instant::now();
+        loop {
+            let timeout = HALT_POLL_INTERVAL.saturating_sub(last_poll.elapsed());
+            match self
+                .event_manager
+                .run_with_timeout(timeout.as_millis() as i32)
+            {
+                Ok(_) => {}
+                Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
+                Err(e) => return Err(VmmError::EventLoop(e)),
+            }
+            let sig = TERMINATION.swap(0, Ordering::SeqCst);
+            if sig != 0 {
+                info!("Received {}, stopping the VM", signal_name(sig));
+                return Ok(ExitReason::Signal(sig));
+            }
+            if let Some(exit) = self.run_state.exit() {
+                return Ok(ExitReason::Guest(exit));
+            }
+            if last_poll.elapsed() >= HALT_POLL_INTERVAL {
+                if self.run_state.all_dead_halted() {
+                    info!("All vCPUs halted with interrupts off: the guest powered off");
+                    return Ok(ExitReason::Guest(GuestExit::Halted));
+                }
+                for v in vcpus {
+                    v.kick();
+                }
+                last_poll = Instant::now();
+            }
+        }
+    }
+}
+
+/// Opens the serial backend: the writer for guest output, and whether stdin feeds input.
+fn open_serial_backend(backend: &SerialBackend) -> Result<(Box<dyn Write + Send>, bool), VmmError> {
+    Ok(match backend {
+        SerialBackend::Stdio => (Box::new(std::io::stdout()), true),
+        SerialBackend::File(path) => {
+            let f = File::create(path).map_err(|source| VmmError::SerialFile {
+                path: path.clone(),
+                source,
+            })?;
+            (Box::new(f), false)
+        }
+        SerialBackend::None => (Box::new(std::io::sink()), false),
+    })
+}
+
+const EVT_RESET: u32 = 0;
+const EVT_EXIT: u32 = 1;
+
+/// Turns the i8042 reset line into a guest exit, and wakes the loop when a vCPU reports one.
+struct LifecycleHandler {
+    reset_evt: EventFd,
+    run_state: Arc<VmRunState>,
+}
+
+impl MutEventSubscriber for LifecycleHandler {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, data) in [
+            (self.reset_evt.as_raw_fd(), EVT_RESET),
+            (self.run_state.exit_evt.as_raw_fd(), EVT_EXIT),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                error!("Failed to watch lifecycle events: {e:?}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            EVT_RESET => {
+                let _ = self.reset_evt.read();
+                info!("The guest reset the CPU through the i8042");
+                self.run_state.report(GuestExit::Reset);
+            }
+            // The exit is already recorded; reading just clears the wakeup.
+            EVT_EXIT => {
+                let _ = self.run_state.exit_evt.read();
+            }
+            other => warn!("Unexpected lifecycle event {other}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(ExitReason::Guest(GuestExit::Reset).exit_code(), 0);
+        assert_eq!(ExitReason::Guest(GuestExit::Halted).exit_code(), 0);
+        assert_eq!(
+            ExitReason::Guest(GuestExit::TripleFault { vcpu: 0 }).exit_code(),
+            1
+        );
+        assert_eq!(ExitReason::Signal(libc::SIGTERM).exit_code(), 143);
+        assert_eq!(
+            ExitReason::Signal(libc::SIGINT).to_string(),
+            "stopped by signal SIGINT"
+        );
+    }
+
+    #[test]
+    fn serial_file_backend_errors_name_the_path() {
+        let err = open_serial_backend(&SerialBackend::File("/nonexistent/dir/log".into()))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/dir/log"));
+    }
+}

@@ -1,0 +1,82 @@
+//! Guest memory: anonymous host mappings laid out around the 32-bit MMIO gap.
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// The guest memory type used throughout the VMM.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("Failed to map {mib} MiB of guest memory")]
+    Map {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// The guest-physical RAM ranges for `size` bytes of memory: everything below the MMIO gap,
+/// the rest from 4 GiB up, so devices and the APICs can live at their usual addresses.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START as usize),
+            (GuestAddress(MMIO_GAP_END), (size - MMIO_GAP_START) as usize),
+        ]
+    }
+}
+
+/// Maps `size` bytes of anonymous, private guest memory.
+pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Map {
+        mib: size >> 20,
+        source,
+    })
+}
+
+/// End (exclusive) of the RAM below the MMIO gap: where boot data must live.
+pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter()
+        .next()
+        .map(|r| r.start_addr().0 + r.len())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_range() {
+        let r = ram_ranges(256 << 20);
+        assert_eq!(r, vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn memory_exactly_up_to_the_gap_is_one_range() {
+        let r = ram_ranges(MMIO_GAP_START);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn large_memory_skips_the_mmio_gap() {
+        let size = 4u64 << 30;
+        let r = ram_ranges(size);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
+        let total: usize = r.iter().map(|(_, l)| l).sum();
+        assert_eq!(total as u64, size);
+    }
+
+    #[test]
+    fn low_ram_end_is_end_of_first_region() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        assert_eq!(low_ram_end(&mem), 64 << 20);
+    }
+}

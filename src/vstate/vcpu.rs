@@ -1,0 +1,508 @@
+//! vCPUs: configuration, the per-thread run loop, and exit handling.
+//!
+//! The run loop knows no device: port and MMIO exits go to a `Bus` by address through
+//! `handle_exit`, a plain function testable without KVM. What ends a VM is reported once
+//! through `VmRunState`; the VMM's event loop stops the other vCPUs by setting `stop` and
+//! kicking each thread with `SIGRTMIN`, whose handler sets `kvm_run.immediate_exit` so a
+//! kick can never be lost between checking `stop` and entering `KVM_RUN`.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    kvm_run, CpuId, KVM_MP_STATE_HALTED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use log::{debug, error, info, warn};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::x86_64::boot::KernelEntry;
+use crate::arch::x86_64::cpuid::filter_cpuid;
+use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_common, RegsError};
+use crate::devices::bus::Bus;
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// RFLAGS.IF: interrupts enabled.
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// Errors configuring or starting a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("Failed to set the CPUID of vCPU {0}")]
+    Cpuid(u8, #[source] kvm_ioctls::Error),
+    #[error("Failed to set up the registers of vCPU {0}")]
+    Regs(u8, #[source] RegsError),
+    #[error("Failed to install the vCPU kick signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    #[error("Failed to start the thread of vCPU {0}")]
+    Spawn(u8, #[source] std::io::Error),
+}
+
+/// Why the guest stopped running, as seen by a vCPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestExit {
+    /// The guest asked for a reset (i8042 pulse, triple fault with an invalidated IDT as
+    /// Linux's `reboot=t` does, or a KVM reset event).
+    Reset,
+    /// Every vCPU is halted with interrupts off: what Linux does for `poweroff` and `halt`
+    /// on a machine without ACPI. Nothing can wake it again.
+    Halted,
+    /// A triple fault the guest did not ask for: the guest kernel crashed.
+    TripleFault { vcpu: u8 },
+    /// KVM could not emulate something (`KVM_EXIT_INTERNAL_ERROR`).
+    InternalError { vcpu: u8, suberror: u32 },
+    /// The hardware refused to enter the guest (`KVM_EXIT_FAIL_ENTRY`).
+    FailEntry { vcpu: u8, reason: u64 },
+    /// An exit the VMM does not handle, or a failing KVM_RUN.
+    Unexpected { vcpu: u8, what: String },
+}
+
+impl GuestExit {
+    /// Whether this is how a guest ends on purpose.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, Self::Reset | Self::Halted)
+    }
+}
+
+impl std::fmt::Display for GuestExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reset => write!(f, "the guest rebooted"),
+            Self::Halted => write!(f, "the guest powered off (all vCPUs halted)"),
+            Self::TripleFault { vcpu } => write!(
+                f,
+                "guest triple fault on vCPU {vcpu}: the guest kernel crashed (KVM_EXIT_SHUTDOWN)"
+            ),
+            Self::InternalError { vcpu, suberror } => write!(
+                f,
+                "KVM internal error on vCPU {vcpu} (suberror {suberror}): KVM could not emulate a guest instruction"
+            ),
+            Self::FailEntry { vcpu, reason } => write!(
+                f,
+                "KVM failed to enter the guest on vCPU {vcpu} (hardware entry failure reason {reason:#x})"
+            ),
+            Self::Unexpected { vcpu, what } => write!(f, "vCPU {vcpu} stopped: {what}"),
+        }
+    }
+}
+
+/// State shared between the vCPU threads and the VMM's event loop.
+pub struct VmRunState {
+    stop: AtomicBool,
+    exit: Mutex<Option<GuestExit>>,
+    /// Written once when the first vCPU reports a `GuestExit`.
+    pub exit_evt: EventFd,
+    /// Per vCPU: last seen halted with interrupts disabled.
+    dead_halt: Vec<AtomicBool>,
+}
+
+impl VmRunState {
+    pub fn new(num_vcpus: u8) -> std::io::Result<Self> {
+        Ok(Self {
+            stop: AtomicBool::new(false),
+            exit: Mutex::new(None),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            dead_halt: (0..num_vcpus).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    /// Records why the guest stopped; only the first report counts.
+    pub fn report(&self, exit: GuestExit) {
+        let mut slot = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(exit);
+            if let Err(e) = self.exit_evt.write(1) {
+                error!("Failed to signal the guest exit: {e}");
+            }
+        }
+    }
+
+    /// The first reported exit, if any.
+    pub fn exit(&self) -> Option<GuestExit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks every vCPU loop to return at its next check.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// True when every vCPU was last seen halted with interrupts off.
+    pub fn all_dead_halted(&self) -> bool {
+        self.dead_halt.iter().all(|h| h.load(Ordering::SeqCst))
+    }
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VcpuAction {
+    Continue,
+    /// `KVM_EXIT_SHUTDOWN`: a triple fault, to be told apart from a requested reset.
+    Shutdown,
+    Stop(GuestExit),
+}
+
+/// Handles one exit by dispatching it to the buses. Pure over its inputs.
+pub fn handle_exit(vcpu: u8, exit: VcpuExit, pio: &Bus, mmio: &Bus) -> VcpuAction {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !pio.read(u64::from(port), data) {
+                debug!("vCPU {vcpu}: unhandled in from port {port:#x}");
+            }
+            VcpuAction::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !pio.write(u64::from(port), data) {
+                debug!("vCPU {vcpu}: unhandled out to port {port:#x}");
+            }
+            VcpuAction::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                warn!("vCPU {vcpu}: MMIO read from unmapped address {addr:#x}");
+            }
+            VcpuAction::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !mmio.write(addr, data) {
+                warn!("vCPU {vcpu}: MMIO write to unmapped address {addr:#x}");
+            }
+            VcpuAction::Continue
+        }
+        // Only reachable without an in-kernel LAPIC; treat it like the in-kernel case.
+        VcpuExit::Hlt => VcpuAction::Stop(GuestExit::Halted),
+        VcpuExit::Shutdown => VcpuAction::Shutdown,
+        VcpuExit::FailEntry(reason, _cpu) => {
+            VcpuAction::Stop(GuestExit::FailEntry { vcpu, reason })
+        }
+        VcpuExit::InternalError => VcpuAction::Stop(GuestExit::InternalError { vcpu, suberror: 0 }),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => VcpuAction::Stop(GuestExit::Halted),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => VcpuAction::Stop(GuestExit::Reset),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => VcpuAction::Continue,
+        other => VcpuAction::Stop(GuestExit::Unexpected {
+            vcpu,
+            what: format!("unexpected KVM exit {other:?}"),
+        }),
+    }
+}
+
+/// Whether a triple fault was Linux's `reboot=t`: it loads an empty IDT (limit 0) and
+/// raises an exception on purpose (arch/x86/kernel/reboot.c, BOOT_TRIPLE). A crash leaves
+/// the kernel's real IDT in place.
+pub fn triple_fault_is_reboot(idt_limit: u16) -> bool {
+    idt_limit == 0
+}
+
+/// Whether a vCPU is halted for good: in HLT with interrupts disabled (only an NMI, which
+/// nothing in this VM sends, or INIT could wake it).
+pub fn is_dead_halt(mp_state: u32, rflags: u64) -> bool {
+    mp_state == KVM_MP_STATE_HALTED && rflags & RFLAGS_IF == 0
+}
+
+thread_local! {
+    /// The `kvm_run` of the vCPU this thread runs, for the kick signal handler.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN_PTR.with(|p| p.get());
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this same thread to its vCPU's mmap'ed kvm_run,
+        // which stays mapped while the thread runs its loop (it is cleared before the VcpuFd
+        // is dropped); a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+    std::sync::atomic::fence(Ordering::Release);
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler (once per process).
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::SignalHandler)
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    pub id: u8,
+    thread: JoinHandle<()>,
+}
+
+impl VcpuHandle {
+    /// Interrupts the vCPU's `KVM_RUN` so it looks at the shared state.
+    pub fn kick(&self) {
+        if let Err(e) = self.thread.kill(kick_signal()) {
+            // The thread may have ended already.
+            debug!("vCPU {}: kick failed: {e}", self.id);
+        }
+    }
+
+    pub fn join(self) {
+        if self.thread.join().is_err() {
+            error!("vCPU {} thread panicked", self.id);
+        }
+    }
+}
+
+impl Vcpu {
+    pub fn new(id: u8, fd: VcpuFd) -> Self {
+        Self { id, fd }
+    }
+
+    /// CPUID, MSRs and LAPIC for every vCPU; boot registers for the boot vCPU (the others
+    /// wait for INIT/SIPI from the guest in the in-kernel LAPIC).
+    pub fn configure(
+        &self,
+        supported_cpuid: &CpuId,
+        num_vcpus: u8,
+        mem: &GuestMemoryMmap,
+        entry: &KernelEntry,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid = supported_cpuid.clone();
+        filter_cpuid(cpuid.as_mut_slice(), self.id, num_vcpus);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|e| VcpuError::Cpuid(self.id, e))?;
+        setup_common(&self.fd).map_err(|e| VcpuError::Regs(self.id, e))?;
+        if self.id == 0 {
+            setup_boot_vcpu(&self.fd, mem, entry).map_err(|e| VcpuError::Regs(self.id, e))?;
+        }
+        Ok(())
+    }
+
+    /// Runs the vCPU on its own thread until the VM stops.
+    pub fn start(
+        self,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        state: Arc<VmRunState>,
+    ) -> Result<VcpuHandle, VcpuError> {
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run(&pio, &mmio, &state))
+            .map_err(|e| VcpuError::Spawn(id, e))?;
+        Ok(VcpuHandle { id, thread })
+    }
+
+    fn run(mut self, pio: &Bus, mmio: &Bus, state: &VmRunState) {
+        KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        if let Some(exit) = self.run_loop(pio, mmio, state) {
+            info!("vCPU {}: {exit}", self.id);
+            state.report(exit);
+        }
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    fn run_loop(&mut self, pio: &Bus, mmio: &Bus, state: &VmRunState) -> Option<GuestExit> {
+        let id = self.id;
+        loop {
+            if state.stopping() {
+                return None;
+            }
+            let action = match self.fd.run() {
+                Ok(exit) => handle_exit(id, exit, pio, mmio),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    if state.stopping() {
+                        return None;
+                    }
+                    // A periodic kick from the VMM: tell it whether this vCPU is gone for good.
+                    let dead = self.dead_halted();
+                    state.dead_halt[usize::from(id)].store(dead, Ordering::SeqCst);
+                    VcpuAction::Continue
+                }
+                Err(e) => VcpuAction::Stop(GuestExit::Unexpected {
+                    vcpu: id,
+                    what: format!("KVM_RUN failed: {e}"),
+                }),
+            };
+            match action {
+                VcpuAction::Continue => {}
+                VcpuAction::Shutdown => return Some(self.classify_shutdown()),
+                VcpuAction::Stop(GuestExit::InternalError { .. }) => {
+                    let run = self.fd.get_kvm_run();
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills
+                    // the `internal` member of the exit union; reading a u32 from it is sound.
+                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                    return Some(GuestExit::InternalError { vcpu: id, suberror });
+                }
+                VcpuAction::Stop(exit) => return Some(exit),
+            }
+        }
+    }
+
+    fn classify_shutdown(&self) -> GuestExit {
+        match self.fd.get_sregs() {
+            Ok(sregs) if triple_fault_is_reboot(sregs.idt.limit) => GuestExit::Reset,
+            Ok(sregs) => {
+                warn!(
+                    "vCPU {}: triple fault at rip state with IDT {:#x}/{:#x}, CR0 {:#x}",
+                    self.id, sregs.idt.base, sregs.idt.limit, sregs.cr0
+                );
+                GuestExit::TripleFault { vcpu: self.id }
+            }
+            Err(_) => GuestExit::TripleFault { vcpu: self.id },
+        }
+    }
+
+    fn dead_halted(&self) -> bool {
+        let Ok(mp) = self.fd.get_mp_state() else {
+            return false;
+        };
+        let Ok(regs) = self.fd.get_regs() else {
+            return false;
+        };
+        is_dead_halt(mp.mp_state, regs.rflags)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::bus::BusDevice;
+
+    struct Reg(u8);
+    impl BusDevice for Reg {
+        fn read(&mut self, _: u64, data: &mut [u8]) {
+            data[0] = self.0;
+        }
+        fn write(&mut self, _: u64, data: &[u8]) {
+            self.0 = data[0];
+        }
+    }
+
+    fn buses() -> (Bus, Bus) {
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(Reg(0x11))), 0x3f8, 8)
+            .unwrap();
+        let mut mmio = Bus::new();
+        mmio.insert(Arc::new(Mutex::new(Reg(0x22))), 0xd000_0000, 0x1000)
+            .unwrap();
+        (pio, mmio)
+    }
+
+    #[test]
+    fn port_io_goes_to_the_pio_bus() {
+        let (pio, mmio) = buses();
+        let mut data = [0u8; 1];
+        assert_eq!(
+            handle_exit(0, VcpuExit::IoIn(0x3f8, &mut data), &pio, &mmio),
+            VcpuAction::Continue
+        );
+        assert_eq!(data[0], 0x11);
+        handle_exit(0, VcpuExit::IoOut(0x3f9, &[0x33]), &pio, &mmio);
+        handle_exit(0, VcpuExit::IoIn(0x3f8, &mut data), &pio, &mmio);
+        assert_eq!(data[0], 0x33);
+        // Unclaimed ports read as all ones and do not stop the vCPU.
+        assert_eq!(
+            handle_exit(0, VcpuExit::IoIn(0x80, &mut data), &pio, &mmio),
+            VcpuAction::Continue
+        );
+        assert_eq!(data[0], 0xff);
+    }
+
+    #[test]
+    fn mmio_goes_to_the_mmio_bus() {
+        let (pio, mmio) = buses();
+        let mut data = [0u8; 1];
+        handle_exit(1, VcpuExit::MmioRead(0xd000_0010, &mut data), &pio, &mmio);
+        assert_eq!(data[0], 0x22);
+        assert_eq!(
+            handle_exit(1, VcpuExit::MmioWrite(0xe000_0000, &[1]), &pio, &mmio),
+            VcpuAction::Continue
+        );
+    }
+
+    #[test]
+    fn lifecycle_exits_stop_the_vcpu() {
+        let (pio, mmio) = buses();
+        assert_eq!(
+            handle_exit(0, VcpuExit::Shutdown, &pio, &mmio),
+            VcpuAction::Shutdown
+        );
+        assert_eq!(
+            handle_exit(2, VcpuExit::FailEntry(0x7, 2), &pio, &mmio),
+            VcpuAction::Stop(GuestExit::FailEntry { vcpu: 2, reason: 7 })
+        );
+        assert_eq!(
+            handle_exit(
+                0,
+                VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]),
+                &pio,
+                &mmio
+            ),
+            VcpuAction::Stop(GuestExit::Reset)
+        );
+        assert!(matches!(
+            handle_exit(3, VcpuExit::Exception, &pio, &mmio),
+            VcpuAction::Stop(GuestExit::Unexpected { vcpu: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn reboot_triple_fault_is_told_from_a_crash() {
+        assert!(triple_fault_is_reboot(0));
+        assert!(!triple_fault_is_reboot(0xfff));
+    }
+
+    #[test]
+    fn dead_halt_needs_hlt_and_interrupts_off() {
+        assert!(is_dead_halt(KVM_MP_STATE_HALTED, 0x2));
+        assert!(
+            !is_dead_halt(KVM_MP_STATE_HALTED, 0x202),
+            "idle HLT with IF=1 wakes up"
+        );
+        assert!(!is_dead_halt(0, 0x2), "runnable");
+    }
+
+    #[test]
+    fn only_the_first_exit_is_kept_and_signalled_once() {
+        let state = VmRunState::new(2).unwrap();
+        assert!(state.exit().is_none());
+        state.report(GuestExit::Reset);
+        state.report(GuestExit::TripleFault { vcpu: 1 });
+        assert_eq!(state.exit(), Some(GuestExit::Reset));
+        assert_eq!(state.exit_evt.read().unwrap(), 1);
+        assert!(state.exit_evt.read().is_err(), "signalled only once");
+    }
+
+    #[test]
+    fn all_dead_halted_needs_every_vcpu() {
+        let state = VmRunState::new(2).unwrap();
+        assert!(!state.all_dead_halted());
+        state.dead_halt[0].store(true, Ordering::SeqCst);
+        assert!(!state.all_dead_halted());
+        state.dead_halt[1].store(true, Ordering::SeqCst);
+        assert!(state.all_dead_halted());
+    }
+
+    #[test]
+    fn exit_messages_are_actionable() {
+        assert!(GuestExit::TripleFault { vcpu: 0 }
+            .to_string()
+            .contains("triple fault"));
+        assert!(GuestExit::Reset.is_clean() && GuestExit::Halted.is_clean());
+        assert!(!GuestExit::InternalError {
+            vcpu: 0,
+            suberror: 1
+        }
+        .is_clean());
+    }
+}
