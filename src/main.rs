@@ -41,11 +41,21 @@ struct RunArgs {
     cmdline: String,
 
     /// Number of vCPUs (1 to 32), each on its own host thread
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_hyphen_values = true
+    )]
     cpus: u8,
 
     /// Guest memory in MiB
-    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = 256,
+        allow_hyphen_values = true
+    )]
     memory: u64,
 
     /// Where the guest's console UART (ttyS0) goes: "stdio" (terminal in raw mode while the

@@ -110,6 +110,19 @@ impl std::fmt::Display for ExitReason {
     }
 }
 
+/// Tells an orderly guest restart from a crash by the state the guest left its interrupt
+/// routing in. Before an orderly reboot Linux masks every IOAPIC pin (`clear_IO_APIC` in
+/// `native_machine_shutdown`); a panic restarts with routing untouched. So a reset with
+/// routing still live is an emergency (usually a panic), and a triple fault after routing was
+/// torn down is `reboot=t`. A guest that never set up routing keeps what it reported.
+pub fn classify_exit(exit: GuestExit, was_live: bool, live_now: bool) -> GuestExit {
+    match exit {
+        GuestExit::Reset if live_now => GuestExit::EmergencyReset,
+        GuestExit::TripleFault { .. } if was_live && !live_now => GuestExit::Reset,
+        other => other,
+    }
+}
+
 fn signal_name(n: i32) -> String {
     match n {
         libc::SIGINT => "SIGINT".into(),
@@ -125,7 +138,7 @@ type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 pub struct Vmm {
     // Declared before `mem` so vCPUs and the VM go away before the memory they map.
     vcpus: Vec<Vcpu>,
-    _vm: KvmVm,
+    vm: KvmVm,
     _mem: GuestMemoryMmap,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -192,7 +205,7 @@ impl Vmm {
         let (pio, mmio) = devices.into_buses();
         Ok(Self {
             vcpus,
-            _vm: vm,
+            vm,
             _mem: mem,
             pio,
             mmio,
@@ -250,6 +263,8 @@ impl Vmm {
 
     fn event_loop(&mut self, vcpus: &[VcpuHandle]) -> Result<ExitReason, VmmError> {
         let mut last_poll = Instant::now();
+        // Whether the guest has ever had interrupt routing in place (see `classify_exit`).
+        let mut interrupts_were_live = false;
         loop {
             let timeout = HALT_POLL_INTERVAL.saturating_sub(last_poll.elapsed());
             match self
@@ -266,9 +281,12 @@ impl Vmm {
                 return Ok(ExitReason::Signal(sig));
             }
             if let Some(exit) = self.run_state.exit() {
+                let live_now = self.vm.ioapic_routes_live()?;
+                let exit = classify_exit(exit, interrupts_were_live || live_now, live_now);
                 return Ok(ExitReason::Guest(exit));
             }
             if last_poll.elapsed() >= HALT_POLL_INTERVAL {
+                interrupts_were_live |= self.vm.ioapic_routes_live()?;
                 if self.run_state.all_dead_halted() {
                     info!("All vCPUs halted with interrupts off: the guest powered off");
                     return Ok(ExitReason::Guest(GuestExit::Halted));
@@ -350,6 +368,36 @@ mod tests {
         assert_eq!(
             ExitReason::Signal(libc::SIGINT).to_string(),
             "stopped by signal SIGINT"
+        );
+    }
+
+    #[test]
+    fn orderly_and_emergency_restarts_are_told_apart() {
+        let tf = GuestExit::TripleFault { vcpu: 0 };
+        // reboot=k: routing torn down before the i8042 pulse.
+        assert_eq!(
+            classify_exit(GuestExit::Reset, true, false),
+            GuestExit::Reset
+        );
+        // panic=-1 with reboot=k: routing still live.
+        assert_eq!(
+            classify_exit(GuestExit::Reset, true, true),
+            GuestExit::EmergencyReset
+        );
+        // reboot=t: routing torn down, then the triple fault.
+        assert_eq!(classify_exit(tf.clone(), true, false), GuestExit::Reset);
+        // A crash mid-flight, or a panic with reboot=t.
+        assert_eq!(classify_exit(tf.clone(), true, true), tf);
+        // A guest that never set up interrupts and triple faults: a crash.
+        assert_eq!(classify_exit(tf.clone(), false, false), tf);
+        // Reset before any routing existed (very early reboot): orderly.
+        assert_eq!(
+            classify_exit(GuestExit::Reset, false, false),
+            GuestExit::Reset
+        );
+        assert_eq!(
+            classify_exit(GuestExit::Halted, true, false),
+            GuestExit::Halted
         );
     }
 

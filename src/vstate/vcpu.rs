@@ -44,9 +44,12 @@ pub enum VcpuError {
 /// Why the guest stopped running, as seen by a vCPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestExit {
-    /// The guest asked for a reset (i8042 pulse, triple fault with an invalidated IDT as
-    /// Linux's `reboot=t` does, or a KVM reset event).
+    /// The guest reset the machine after shutting down in order (i8042 pulse with
+    /// `reboot=k`, a triple fault with `reboot=t`, a KVM reset event).
     Reset,
+    /// The guest reset the machine without shutting down first: a kernel panic with
+    /// `panic=N`, or an emergency reboot.
+    EmergencyReset,
     /// Every vCPU is halted with interrupts off: what Linux does for `poweroff` and `halt`
     /// on a machine without ACPI. Nothing can wake it again.
     Halted,
@@ -71,6 +74,10 @@ impl std::fmt::Display for GuestExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Reset => write!(f, "the guest rebooted"),
+            Self::EmergencyReset => write!(
+                f,
+                "the guest restarted without shutting down: a kernel panic (see its console) or an emergency reboot"
+            ),
             Self::Halted => write!(f, "the guest powered off (all vCPUs halted)"),
             Self::TripleFault { vcpu } => write!(
                 f,
@@ -144,8 +151,6 @@ impl VmRunState {
 #[derive(Debug, PartialEq, Eq)]
 pub enum VcpuAction {
     Continue,
-    /// `KVM_EXIT_SHUTDOWN`: a triple fault, to be told apart from a requested reset.
-    Shutdown,
     Stop(GuestExit),
 }
 
@@ -178,7 +183,10 @@ pub fn handle_exit(vcpu: u8, exit: VcpuExit, pio: &Bus, mmio: &Bus) -> VcpuActio
         }
         // Only reachable without an in-kernel LAPIC; treat it like the in-kernel case.
         VcpuExit::Hlt => VcpuAction::Stop(GuestExit::Halted),
-        VcpuExit::Shutdown => VcpuAction::Shutdown,
+        // A triple fault. Whether the guest meant it (`reboot=t`) is decided by the VMM from
+        // the interrupt controller state: the vCPU state itself is gone on AMD, where KVM
+        // INITs the vCPU on shutdown.
+        VcpuExit::Shutdown => VcpuAction::Stop(GuestExit::TripleFault { vcpu }),
         VcpuExit::FailEntry(reason, _cpu) => {
             VcpuAction::Stop(GuestExit::FailEntry { vcpu, reason })
         }
@@ -191,13 +199,6 @@ pub fn handle_exit(vcpu: u8, exit: VcpuExit, pio: &Bus, mmio: &Bus) -> VcpuActio
             what: format!("unexpected KVM exit {other:?}"),
         }),
     }
-}
-
-/// Whether a triple fault was Linux's `reboot=t`: it loads an empty IDT (limit 0) and
-/// raises an exception on purpose (arch/x86/kernel/reboot.c, BOOT_TRIPLE). A crash leaves
-/// the kernel's real IDT in place.
-pub fn triple_fault_is_reboot(idt_limit: u16) -> bool {
-    idt_limit == 0
 }
 
 /// Whether a vCPU is halted for good: in HLT with interrupts disabled (only an NMI, which
@@ -335,7 +336,6 @@ impl Vcpu {
             };
             match action {
                 VcpuAction::Continue => {}
-                VcpuAction::Shutdown => return Some(self.classify_shutdown()),
                 VcpuAction::Stop(GuestExit::InternalError { .. }) => {
                     let run = self.fd.get_kvm_run();
                     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills
@@ -345,20 +345,6 @@ impl Vcpu {
                 }
                 VcpuAction::Stop(exit) => return Some(exit),
             }
-        }
-    }
-
-    fn classify_shutdown(&self) -> GuestExit {
-        match self.fd.get_sregs() {
-            Ok(sregs) if triple_fault_is_reboot(sregs.idt.limit) => GuestExit::Reset,
-            Ok(sregs) => {
-                warn!(
-                    "vCPU {}: triple fault at rip state with IDT {:#x}/{:#x}, CR0 {:#x}",
-                    self.id, sregs.idt.base, sregs.idt.limit, sregs.cr0
-                );
-                GuestExit::TripleFault { vcpu: self.id }
-            }
-            Err(_) => GuestExit::TripleFault { vcpu: self.id },
         }
     }
 
@@ -435,7 +421,7 @@ mod tests {
         let (pio, mmio) = buses();
         assert_eq!(
             handle_exit(0, VcpuExit::Shutdown, &pio, &mmio),
-            VcpuAction::Shutdown
+            VcpuAction::Stop(GuestExit::TripleFault { vcpu: 0 })
         );
         assert_eq!(
             handle_exit(2, VcpuExit::FailEntry(0x7, 2), &pio, &mmio),
@@ -454,12 +440,6 @@ mod tests {
             handle_exit(3, VcpuExit::Exception, &pio, &mmio),
             VcpuAction::Stop(GuestExit::Unexpected { vcpu: 3, .. })
         ));
-    }
-
-    #[test]
-    fn reboot_triple_fault_is_told_from_a_crash() {
-        assert!(triple_fault_is_reboot(0));
-        assert!(!triple_fault_is_reboot(0xfff));
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_API_VERSION, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_API_VERSION,
+    KVM_IRQCHIP_IOAPIC, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -18,6 +18,9 @@ use crate::vstate::memory::GuestMemoryMmap;
 /// The KVM device node, unless `FERROVM_KVM_DEVICE` names another (tests use it to check the
 /// error for a missing device).
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
+
+/// Bit 16 of an IOAPIC redirection entry: the pin is masked.
+const IOAPIC_REDIR_MASKED: u64 = 1 << 16;
 
 /// Capabilities the VMM cannot run without.
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
@@ -162,6 +165,27 @@ impl KvmVm {
         self.fd
             .register_irqfd(evt, gsi)
             .map_err(|source| VmError::Irqfd { gsi, source })
+    }
+
+    /// Whether any IOAPIC pin is unmasked, i.e. the guest has interrupt routing in place.
+    /// Linux masks every pin (`clear_IO_APIC`) before an orderly reboot or power-off, and
+    /// leaves them as they are when it restarts in an emergency (a panic).
+    pub fn ioapic_routes_live(&self) -> Result<bool, VmError> {
+        let mut chip = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut chip)
+            .map_err(|e| VmError::Kvm("read the IOAPIC state", e))?;
+        // SAFETY: for chip_id KVM_IRQCHIP_IOAPIC, KVM_GET_IRQCHIP fills the `ioapic` member of
+        // the union; it is plain data.
+        let ioapic = unsafe { chip.chip.ioapic };
+        Ok(ioapic.redirtbl.iter().any(|entry| {
+            // SAFETY: every redirection entry is a plain u64 viewed through a union.
+            let bits = unsafe { entry.bits };
+            bits & IOAPIC_REDIR_MASKED == 0
+        }))
     }
 
     /// The raw VM fd, for device wiring that needs more than irqfds.

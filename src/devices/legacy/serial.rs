@@ -57,7 +57,14 @@ impl SerialEvents for SerialEventsNotifier {
 /// The UART as a bus device.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, SerialEventsNotifier, Box<dyn Write + Send>>,
+    /// The modem control register as the guest last wrote it.
+    mcr: u8,
 }
+
+/// Modem control register offset and its DTR/RTS bits.
+const MCR_OFFSET: u64 = 4;
+const MCR_DTR: u8 = 0x01;
+const MCR_RTS: u8 = 0x02;
 
 impl SerialDevice {
     /// A UART raising `irq_evt` and writing guest output to `out`.
@@ -69,7 +76,24 @@ impl SerialDevice {
                 SerialEventsNotifier { buffer_ready },
                 out,
             ),
+            mcr: 0,
         })
+    }
+
+    /// Whether the guest has the port open: the 8250 driver raises DTR/RTS when a tty opens
+    /// it. Host input is held back until then, as a modem honouring RTS would, so bytes
+    /// typed or piped in during boot are not lost when the driver resets the FIFO.
+    pub fn is_open(&self) -> bool {
+        self.mcr & (MCR_DTR | MCR_RTS) != 0
+    }
+
+    /// How many input bytes the guest can take now.
+    pub fn input_room(&self) -> usize {
+        if self.is_open() {
+            self.serial.fifo_capacity()
+        } else {
+            0
+        }
     }
 
     /// The eventfd that fires when the receive FIFO has been drained by the guest.
@@ -114,6 +138,14 @@ impl BusDevice for SerialDevice {
                 data.len()
             );
             return;
+        }
+        if offset == MCR_OFFSET {
+            let was_open = self.is_open();
+            self.mcr = data[0];
+            if !was_open && self.is_open() {
+                // Wake the event loop so held-back input starts flowing.
+                self.serial.events().in_buffer_empty();
+            }
         }
         if let Err(e) = self.serial.write(offset as u8, data[0]) {
             warn!("serial: write to register {offset} failed: {e:?}");
@@ -185,7 +217,7 @@ impl SerialInputHandler {
     /// Moves as much input as the FIFO takes; returns false when the FIFO is full.
     fn pump_input(&mut self) -> bool {
         let mut dev = lock(&self.device);
-        let room = dev.fifo_capacity();
+        let room = dev.input_room();
         if room == 0 {
             return false;
         }
@@ -198,7 +230,7 @@ impl SerialInputHandler {
             Ok(n) => {
                 let queued = dev.enqueue(&buf[..n]);
                 debug_assert_eq!(queued, n, "read no more than the FIFO's room");
-                dev.fifo_capacity() > 0
+                dev.input_room() > 0
             }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
@@ -378,9 +410,36 @@ mod tests {
         assert!(!is_pollable(f.as_file().as_raw_fd()));
     }
 
+    fn open_port(dev: &mut SerialDevice) {
+        dev.write(MCR_OFFSET, &[MCR_DTR | MCR_RTS | 0x08]);
+    }
+
+    #[test]
+    fn input_waits_until_the_guest_opens_the_port() {
+        let (dev, _irq, _out) = device();
+        let ready = dev.buffer_ready_evt().unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let (r, mut w) = std::io::pipe().unwrap();
+        w.write_all(b"early").unwrap();
+        let mut h = SerialInputHandler::new(dev.clone(), Box::new(r)).unwrap();
+        assert!(!h.pump_input(), "no room while DTR/RTS are down");
+        assert_eq!(lock(&dev).fifo_capacity(), 64, "nothing queued");
+        open_port(&mut lock(&dev));
+        assert_eq!(
+            ready.read().unwrap(),
+            1,
+            "opening the port wakes the input side"
+        );
+        assert!(h.pump_input());
+        for b in b"early" {
+            assert_eq!(rd(&mut lock(&dev), DATA), *b);
+        }
+    }
+
     #[test]
     fn input_handler_respects_fifo_room() {
-        let (dev, _irq, _out) = device();
+        let (mut dev, _irq, _out) = device();
+        open_port(&mut dev);
         let dev = Arc::new(Mutex::new(dev));
         let (r, mut w) = std::io::pipe().unwrap();
         w.write_all(&[b'q'; 100]).unwrap();

@@ -1,0 +1,228 @@
+//! The command line's contract for bad input: a clear message naming what was wrong and a
+//! non-zero exit, never a panic. None of these reach KVM, so they run on any host.
+
+mod common;
+
+use common::{artifacts, temp_path, Output, Vm};
+
+fn run(args: &[&str]) -> Output {
+    let mut vm = Vm::new();
+    for a in args {
+        vm.arg(a);
+    }
+    vm.run()
+}
+
+/// Asserts a failed run with one error line containing `needle` and no panic.
+fn assert_fails_with(out: &Output, code: i32, needle: &str) {
+    assert_eq!(out.code, Some(code), "{}", out.dump());
+    assert!(
+        out.stderr.contains(needle),
+        "expected '{needle}' in stderr\n{}",
+        out.dump()
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.dump());
+    assert!(!out.stderr.contains("RUST_BACKTRACE"), "{}", out.dump());
+}
+
+fn write_temp(tag: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = temp_path(tag);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let out = std::process::Command::new(common::ferrovm_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--serial",
+    ] {
+        assert!(help.contains(flag), "run --help lacks {flag}:\n{help}");
+    }
+    let top = std::process::Command::new(common::ferrovm_bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&top.stdout).contains("run"));
+    let version = std::process::Command::new(common::ferrovm_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("ferrovm {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let out = run(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_fails_with(&out, 1, "Failed to open the kernel /nonexistent/vmlinux");
+    assert!(
+        out.stderr.contains("No such file or directory"),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn missing_initrd_is_named() {
+    let a = artifacts();
+    let out = run(&[
+        "--kernel",
+        a.vmlinux.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
+    assert_fails_with(&out, 1, "Failed to open the initrd /nonexistent/initrd");
+}
+
+#[test]
+fn random_bytes_are_not_a_kernel() {
+    let noise: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let p = write_temp("noise", &noise);
+    let out = run(&["--kernel", p.to_str().unwrap()]);
+    assert_fails_with(&out, 1, "is not a Linux kernel");
+    assert!(out.stderr.contains(p.to_str().unwrap()));
+}
+
+#[test]
+fn truncated_elf_is_reported() {
+    let full = std::fs::read(&artifacts().vmlinux).unwrap();
+    let p = write_temp("truncated-vmlinux", &full[..full.len() / 2]);
+    let out = run(&["--kernel", p.to_str().unwrap()]);
+    assert_fails_with(&out, 1, "is truncated or corrupt");
+}
+
+#[test]
+fn old_bzimage_is_refused() {
+    let mut img = std::fs::read(&artifacts().bzimage).unwrap();
+    // Boot protocol version at 0x206: pretend to be a 2.06 kernel (Linux 2.6.20).
+    img[0x206..0x208].copy_from_slice(&0x0206u16.to_le_bytes());
+    let p = write_temp("old-bzimage", &img);
+    let out = run(&["--kernel", p.to_str().unwrap()]);
+    assert_fails_with(&out, 1, "uses boot protocol 2.06");
+    assert!(out.stderr.contains("needs 2.12 or later"), "{}", out.dump());
+}
+
+#[test]
+fn memory_too_small_for_kernel_and_initrd() {
+    let a = artifacts();
+    let out = run(&[
+        "--kernel",
+        a.bzimage.to_str().unwrap(),
+        "--initrd",
+        a.initramfs.to_str().unwrap(),
+        "--memory",
+        "16",
+    ]);
+    // The kernel alone may fit in 16 MiB; kernel + decompression buffer + initrd must not.
+    assert_fails_with(&out, 1, "Guest memory of 16 MiB is too small");
+    assert!(
+        out.stderr.contains("give a larger --memory"),
+        "{}",
+        out.dump()
+    );
+}
+
+#[test]
+fn bad_flag_values() {
+    let k = artifacts().vmlinux.to_str().unwrap().to_string();
+    assert_fails_with(
+        &run(&["--kernel", &k, "--cpus", "0"]),
+        1,
+        "--cpus 0 is out of range",
+    );
+    assert_fails_with(
+        &run(&["--kernel", &k, "--cpus", "33"]),
+        1,
+        "--cpus 33 is out of range",
+    );
+    assert_fails_with(
+        &run(&["--kernel", &k, "--cpus", "many"]),
+        2,
+        "invalid value 'many' for '--cpus",
+    );
+    assert_fails_with(
+        &run(&["--kernel", &k, "--memory", "8"]),
+        1,
+        "--memory 8 MiB is out of range",
+    );
+    assert_fails_with(
+        &run(&["--kernel", &k, "--memory", "-5"]),
+        2,
+        "invalid value '-5' for '--memory",
+    );
+    assert_fails_with(
+        &run(&["--kernel", &k, "--serial", "tcp:1"]),
+        2,
+        "unknown serial backend 'tcp:1'",
+    );
+    assert_fails_with(
+        &run(&["--kernel", &k, "--bogus"]),
+        2,
+        "unexpected argument '--bogus'",
+    );
+    assert_fails_with(&run(&[]), 2, "--kernel <PATH>");
+    let long = "x".repeat(3000);
+    assert_fails_with(
+        &run(&["--kernel", &k, "--cmdline", &long]),
+        1,
+        "command line is 3000 bytes",
+    );
+}
+
+#[test]
+fn unwritable_serial_file_is_named() {
+    let a = artifacts();
+    let out = run(&[
+        "--kernel",
+        a.vmlinux.to_str().unwrap(),
+        "--serial",
+        "file=/nonexistent/dir/serial.log",
+    ]);
+    assert_fails_with(
+        &out,
+        1,
+        "Failed to open the serial output file /nonexistent/dir/serial.log",
+    );
+}
+
+#[test]
+fn missing_kvm_device_says_what_to_do() {
+    let a = artifacts();
+    let out = Vm::new()
+        .arg("--kernel")
+        .arg(&a.vmlinux)
+        .env("FERROVM_KVM_DEVICE", "/nonexistent/kvm")
+        .run();
+    assert_fails_with(
+        &out,
+        1,
+        "Failed to open /nonexistent/kvm: the file does not exist",
+    );
+    assert!(out.stderr.contains("kvm-sandbox"), "{}", out.dump());
+}
+
+#[test]
+fn non_kvm_device_is_refused() {
+    let a = artifacts();
+    let out = Vm::new()
+        .arg("--kernel")
+        .arg(&a.vmlinux)
+        .env("FERROVM_KVM_DEVICE", "/dev/null")
+        .run();
+    assert_fails_with(&out, 1, "/dev/null is not a KVM device");
+}

@@ -1,0 +1,404 @@
+//! Shared test infrastructure: finding the guest artifacts, running the `ferrovm` binary with
+//! a timeout, and moving guest-booting tests into the nested KVM sandbox when this host's
+//! /dev/kvm is not backed by hardware virtualization.
+//!
+//! A test that boots a guest starts with `sandboxed!();`. Where KVM is real (a laptop, a CI
+//! runner with nested virtualization, or inside `scripts/kvm-sandbox`) the test runs here;
+//! elsewhere the macro re-runs just this test inside `scripts/kvm-sandbox` and passes or
+//! fails with it. `scripts/test` runs whole test binaries inside one sandbox, so there every
+//! test runs directly and the sandbox boots once.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Runs the current test inside the sandbox and returns from it, unless KVM is usable here.
+#[macro_export]
+macro_rules! sandboxed {
+    () => {{
+        fn f() {}
+        let name = std::any::type_name_of_val(&f);
+        let name = name.strip_suffix("::f").unwrap();
+        // Drop the crate name: libtest names tests by their path inside the test crate.
+        let name = name.split_once("::").map_or(name, |(_, rest)| rest);
+        if $crate::common::run_in_sandbox_if_needed(name) {
+            return;
+        }
+    }};
+}
+
+/// The repository root (where Cargo.toml is).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `ferrovm` binary under test.
+pub fn ferrovm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ferrovm"))
+}
+
+/// Whether /dev/kvm here is backed by hardware virtualization (vmx/svm in the CPU flags).
+pub fn kvm_usable() -> bool {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| {
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let hw = flags
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        hw && Path::new("/dev/kvm").exists()
+    })
+}
+
+/// If KVM is not usable here, runs test `name` of the current test binary inside
+/// `scripts/kvm-sandbox`, asserts it passed, and returns true (the caller then returns).
+pub fn run_in_sandbox_if_needed(name: &str) -> bool {
+    if kvm_usable() {
+        return false;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    eprintln!("{name}: no hardware KVM here, running it in scripts/kvm-sandbox");
+    let out = Command::new(repo_root().join("scripts/kvm-sandbox"))
+        .args(["--timeout", "900", "--"])
+        .arg(&exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/kvm-sandbox");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("--- sandbox stdout ---\n{stdout}\n--- sandbox stderr ---\n{stderr}");
+    assert!(
+        out.status.success(),
+        "{name} failed inside the sandbox ({})",
+        out.status
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "{name} did not run inside the sandbox (filter matched nothing?)"
+    );
+    true
+}
+
+/// Paths of the guest kernel and rootfs built by `scripts/build-guest`.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// Builds (if needed) and finds the guest artifacts, once per test binary. `scripts/test`
+/// passes them in `FERROVM_GUEST_{VMLINUX,BZIMAGE,INITRAMFS}` (the sandbox sees the cache
+/// read-only, so nothing is built in there).
+pub fn artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(|| {
+        let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        if let (Some(vmlinux), Some(bzimage), Some(initramfs)) = (
+            env("FERROVM_GUEST_VMLINUX"),
+            env("FERROVM_GUEST_BZIMAGE"),
+            env("FERROVM_GUEST_INITRAMFS"),
+        ) {
+            return Artifacts {
+                vmlinux,
+                bzimage,
+                initramfs,
+            };
+        }
+        let out = Command::new(repo_root().join("scripts/build-guest"))
+            .arg("--print-paths")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/build-guest --print-paths");
+        assert!(out.status.success(), "scripts/build-guest failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let get = |key: &str| {
+            let path = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("build-guest printed no {key}= line:\n{text}"));
+            let path = PathBuf::from(path);
+            assert!(path.is_file(), "{} does not exist", path.display());
+            path
+        };
+        Artifacts {
+            vmlinux: get("vmlinux"),
+            bzimage: get("bzimage"),
+            initramfs: get("initramfs"),
+        }
+    })
+}
+
+/// The readiness marker the guest init prints.
+pub const READY: &str = "ferrovm-guest: userspace ready";
+
+/// What a finished `ferrovm` process left behind.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    /// Killed by the harness at its timeout.
+    pub timed_out: bool,
+}
+
+impl Output {
+    /// Both streams, for assertion messages.
+    pub fn dump(&self) -> String {
+        format!(
+            "exit code {:?} signal {:?} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.signal, self.elapsed, self.stdout, self.stderr
+        )
+    }
+
+    /// The exit status the guest command reported through the init's marker.
+    pub fn guest_exit(&self) -> Option<i32> {
+        self.stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("ferrovm-guest: exit="))
+            .and_then(|s| s.trim().parse().ok())
+    }
+}
+
+/// A `ferrovm` invocation under construction.
+pub struct Vm {
+    cmd: Command,
+    timeout: Duration,
+}
+
+impl Vm {
+    /// `ferrovm run` with no arguments yet.
+    pub fn new() -> Self {
+        let mut cmd = Command::new(ferrovm_bin());
+        cmd.arg("run").stdin(Stdio::null());
+        Self {
+            cmd,
+            timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// `ferrovm run` with the default guest (ELF vmlinux + initramfs).
+    pub fn guest() -> Self {
+        let a = artifacts();
+        let mut vm = Self::new();
+        vm.arg("--kernel")
+            .arg(&a.vmlinux)
+            .arg("--initrd")
+            .arg(&a.initramfs);
+        vm
+    }
+
+    /// The default guest running `guest_cmd` and powering off.
+    pub fn guest_running(guest_cmd: &str) -> Self {
+        let mut vm = Self::guest();
+        vm.cmdline_with_cmd(guest_cmd);
+        vm
+    }
+
+    /// Sets `--cmdline` to the default line plus init arguments.
+    pub fn cmdline_with_cmd(&mut self, guest_cmd: &str) -> &mut Self {
+        self.arg("--cmdline")
+            .arg(format!("console=ttyS0 reboot=k panic=-1 -- {guest_cmd}"))
+    }
+
+    pub fn arg(&mut self, a: impl AsRef<std::ffi::OsStr>) -> &mut Self {
+        self.cmd.arg(a);
+        self
+    }
+
+    pub fn env(&mut self, k: &str, v: impl AsRef<std::ffi::OsStr>) -> &mut Self {
+        self.cmd.env(k, v);
+        self
+    }
+
+    pub fn timeout(&mut self, t: Duration) -> &mut Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Runs to completion and collects its output; a run past the timeout is killed and
+    /// fails the test with everything it printed.
+    pub fn run(&mut self) -> Output {
+        let timeout = self.timeout;
+        let out = self.spawn().finish(timeout);
+        assert!(
+            !out.timed_out,
+            "ferrovm timed out after {timeout:?}\n{}",
+            out.dump()
+        );
+        out
+    }
+}
+
+impl Default for Vm {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A fresh path under /tmp (shared with the sandbox) for this test's files.
+pub fn temp_path(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::env::temp_dir().join(format!("ferrovm-test-{}-{n}-{tag}", std::process::id()))
+}
+
+/// A minimal x86_64 `vmlinux`-shaped ELF whose entry (at 1 MiB, entered in 64-bit mode
+/// through the Linux boot protocol since it has no PVH note) runs `code`.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let paddr: u64 = 0x10_0000;
+    let mut b = vec![0u8; 64];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little-endian
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&paddr.to_le_bytes());
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let mut ph = vec![0u8; 56];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    ph[8..16].copy_from_slice(&120u64.to_le_bytes()); // offset
+    ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+    b.extend_from_slice(&ph);
+    b.extend_from_slice(code);
+    b
+}
+
+/// A `ferrovm` process still running, with its stdout read line by line.
+pub struct Running {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+    started: Instant,
+}
+
+impl Vm {
+    /// Starts the VMM and returns at once.
+    pub fn spawn(&mut self) -> Running {
+        let started = Instant::now();
+        let mut child = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferrovm");
+        let stdout = child.stdout.take().unwrap();
+        let mut se = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).split(b'\n') {
+                let Ok(line) = line else { break };
+                if tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = se.read_to_end(&mut s);
+            s
+        });
+        Running {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr,
+            started,
+        }
+    }
+
+    /// Feeds `bytes` to the VMM's stdin (the serial console's input).
+    pub fn stdin_bytes(&mut self, bytes: &[u8]) -> &mut Self {
+        let p = temp_path("stdin");
+        std::fs::write(&p, bytes).unwrap();
+        self.cmd.stdin(std::fs::File::open(&p).unwrap());
+        self
+    }
+}
+
+impl Running {
+    /// Waits until a stdout line contains `needle`; panics with the output at the timeout.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let hit = line.contains(needle);
+                    self.seen.push(line);
+                    if hit {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "'{needle}' not seen within {timeout:?}; stdout so far:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends `sig` to the VMM process.
+    pub fn signal(&self, sig: i32) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits for exit (killing it after `timeout`) and returns everything it printed.
+    pub fn finish(mut self, timeout: Duration) -> Output {
+        let start = Instant::now();
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > timeout {
+                timed_out = true;
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(line);
+        }
+        Output {
+            code: status.code(),
+            signal: std::os::unix::process::ExitStatusExt::signal(&status),
+            stdout: self.seen.join("\n"),
+            stderr: String::from_utf8_lossy(&self.stderr.join().unwrap()).into(),
+            elapsed: self.started.elapsed(),
+            timed_out,
+        }
+    }
+}
