@@ -199,3 +199,19 @@ fn guest_triple_fault_exits_nonzero_with_reason() {
     assert!(reason[0].contains("triple fault"), "{}", out.dump());
     let _ = std::fs::remove_file(kernel);
 }
+
+#[test]
+fn guest_kernel_panic_is_a_failure_not_a_reboot() {
+    sandboxed!();
+    // panic=-1 makes the kernel restart at once; the VMM tells that from an orderly reboot.
+    let out = Vm::guest_running("echo c > /proc/sysrq-trigger").run();
+    assert_eq!(out.code, Some(1), "{}", out.dump());
+    assert!(out.stdout.contains("Kernel panic"), "{}", out.dump());
+    let reason: Vec<_> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("ferrovm:"))
+        .collect();
+    assert_eq!(reason.len(), 1, "{}", out.dump());
+    assert!(reason[0].contains("kernel panic"), "{}", out.dump());
+}

@@ -57,14 +57,16 @@ impl SerialEvents for SerialEventsNotifier {
 /// The UART as a bus device.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, SerialEventsNotifier, Box<dyn Write + Send>>,
-    /// The modem control register as the guest last wrote it.
-    mcr: u8,
+    /// The interrupt enable and line control registers as the guest last wrote them.
+    ier: u8,
+    lcr: u8,
 }
 
-/// Modem control register offset and its DTR/RTS bits.
-const MCR_OFFSET: u64 = 4;
-const MCR_DTR: u8 = 0x01;
-const MCR_RTS: u8 = 0x02;
+const IER_OFFSET: u64 = 1;
+const IER_RDI: u8 = 0x01;
+const LCR_OFFSET: u64 = 3;
+/// With LCR.DLAB set, offset 1 is the divisor latch, not IER.
+const LCR_DLAB: u8 = 0x80;
 
 impl SerialDevice {
     /// A UART raising `irq_evt` and writing guest output to `out`.
@@ -76,20 +78,23 @@ impl SerialDevice {
                 SerialEventsNotifier { buffer_ready },
                 out,
             ),
-            mcr: 0,
+            ier: 0,
+            lcr: 0,
         })
     }
 
-    /// Whether the guest has the port open: the 8250 driver raises DTR/RTS when a tty opens
-    /// it. Host input is held back until then, as a modem honouring RTS would, so bytes
-    /// typed or piped in during boot are not lost when the driver resets the FIFO.
-    pub fn is_open(&self) -> bool {
-        self.mcr & (MCR_DTR | MCR_RTS) != 0
+    /// Whether the guest is ready to receive: its driver has the receive interrupt enabled.
+    /// Linux's 8250 driver enables it only once a tty has the port open, and drains the
+    /// receive register while it starts the port; host input is held back until then (and
+    /// while the console code masks interrupts to print), so bytes piped in during boot reach
+    /// the reader instead of being thrown away.
+    pub fn is_receiving(&self) -> bool {
+        self.ier & IER_RDI != 0
     }
 
     /// How many input bytes the guest can take now.
     pub fn input_room(&self) -> usize {
-        if self.is_open() {
+        if self.is_receiving() {
             self.serial.fifo_capacity()
         } else {
             0
@@ -139,13 +144,17 @@ impl BusDevice for SerialDevice {
             );
             return;
         }
-        if offset == MCR_OFFSET {
-            let was_open = self.is_open();
-            self.mcr = data[0];
-            if !was_open && self.is_open() {
-                // Wake the event loop so held-back input starts flowing.
-                self.serial.events().in_buffer_empty();
+        match offset {
+            IER_OFFSET if self.lcr & LCR_DLAB == 0 => {
+                let was_receiving = self.is_receiving();
+                self.ier = data[0];
+                if !was_receiving && self.is_receiving() {
+                    // Wake the event loop so held-back input starts flowing.
+                    self.serial.events().in_buffer_empty();
+                }
             }
+            LCR_OFFSET => self.lcr = data[0],
+            _ => {}
         }
         if let Err(e) = self.serial.write(offset as u8, data[0]) {
             warn!("serial: write to register {offset} failed: {e:?}");
@@ -322,7 +331,6 @@ mod tests {
     }
 
     const DATA: u64 = 0;
-    const IER: u64 = 1;
     const IIR: u64 = 2;
     const LSR: u64 = 5;
     const LSR_DATA_READY: u8 = 1;
@@ -354,7 +362,7 @@ mod tests {
     #[test]
     fn thr_empty_interrupt_fires_when_enabled() {
         let (mut dev, irq, _out) = device();
-        dev.write(IER, &[0x2]); // ETBEI
+        dev.write(IER_OFFSET, &[0x2]); // ETBEI
         assert_eq!(
             irq.read().unwrap(),
             1,
@@ -369,7 +377,7 @@ mod tests {
     #[test]
     fn input_is_queued_and_read_back_with_irq() {
         let (mut dev, irq, _out) = device();
-        dev.write(IER, &[0x1]); // ERBFI
+        dev.write(IER_OFFSET, &[0x1]); // ERBFI
         assert_eq!(dev.enqueue(b"ab"), 2);
         assert_eq!(irq.read().unwrap(), 1);
         assert_ne!(rd(&mut dev, LSR) & LSR_DATA_READY, 0);
@@ -411,7 +419,18 @@ mod tests {
     }
 
     fn open_port(dev: &mut SerialDevice) {
-        dev.write(MCR_OFFSET, &[MCR_DTR | MCR_RTS | 0x08]);
+        dev.write(IER_OFFSET, &[IER_RDI]);
+    }
+
+    #[test]
+    fn divisor_latch_writes_do_not_count_as_ier() {
+        let (mut dev, _irq, _out) = device();
+        dev.write(LCR_OFFSET, &[LCR_DLAB | 0x03]);
+        dev.write(IER_OFFSET, &[0x01]); // divisor high byte
+        assert!(!dev.is_receiving());
+        dev.write(LCR_OFFSET, &[0x03]);
+        dev.write(IER_OFFSET, &[0x01]);
+        assert!(dev.is_receiving());
     }
 
     #[test]
@@ -422,7 +441,10 @@ mod tests {
         let (r, mut w) = std::io::pipe().unwrap();
         w.write_all(b"early").unwrap();
         let mut h = SerialInputHandler::new(dev.clone(), Box::new(r)).unwrap();
-        assert!(!h.pump_input(), "no room while DTR/RTS are down");
+        assert!(
+            !h.pump_input(),
+            "no room while the receive interrupt is off"
+        );
         assert_eq!(lock(&dev).fifo_capacity(), 64, "nothing queued");
         open_port(&mut lock(&dev));
         assert_eq!(
