@@ -159,6 +159,22 @@ impl Output {
         )
     }
 
+    /// The one line the VMM prints on stderr to say why it failed (panics if not exactly one).
+    pub fn reason(&self) -> &str {
+        let lines: Vec<_> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("ferrovm:"))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected one line of reason\n{}",
+            self.dump()
+        );
+        lines[0]
+    }
+
     /// The exit status the guest command reported through the init's marker.
     pub fn guest_exit(&self) -> Option<i32> {
         self.stdout
