@@ -45,6 +45,10 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("The kernel command line contains a NUL byte")]
     CmdlineNul,
+    #[error("{1} {0} given; ferrovm supports at most {MAX_DEVICES_PER_KIND}")]
+    TooMany(&'static str, usize),
+    #[error("The TAP device {0} is given to two NICs")]
+    DuplicateTap(String),
 }
 
 /// Where the guest's serial port goes.
@@ -86,6 +90,220 @@ impl fmt::Display for SerialBackend {
     }
 }
 
+/// Most disks and NICs one VM can have (each takes a virtio-mmio slot and an IRQ).
+pub const MAX_DEVICES_PER_KIND: usize = 8;
+
+/// Which device model serves a device class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceModel {
+    /// Paravirtual: virtio over virtio-mmio.
+    #[default]
+    Virtio,
+}
+
+impl FromStr for DeviceModel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "virtio" => Ok(Self::Virtio),
+            _ => Err(format!("unknown device model '{s}': expected virtio")),
+        }
+    }
+}
+
+/// Splits `a,b=c,d` into options; returns (key, value) pairs, with value None for flags.
+fn parse_options(s: &str) -> Vec<(&str, Option<&str>)> {
+    s.split(',')
+        .filter(|o| !o.is_empty())
+        .map(|o| match o.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (o, None),
+        })
+        .collect()
+}
+
+/// A disk image given with `--disk PATH[,readonly][,model=virtio][,serial=ID]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub readonly: bool,
+    pub model: DeviceModel,
+    /// The id the guest reads back (VIRTIO_BLK_T_GET_ID); the file name when not given.
+    pub serial: Option<String>,
+}
+
+/// Longest device id virtio-blk can report (VIRTIO_BLK_ID_BYTES).
+pub const DISK_SERIAL_MAX: usize = 20;
+
+impl FromStr for DiskConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut path = None;
+        let mut cfg = DiskConfig {
+            path: PathBuf::new(),
+            readonly: false,
+            model: DeviceModel::Virtio,
+            serial: None,
+        };
+        for (key, value) in parse_options(s) {
+            match (key, value) {
+                ("readonly" | "ro", None) => cfg.readonly = true,
+                ("model", Some(m)) => cfg.model = m.parse()?,
+                ("serial", Some(id)) => {
+                    if id.len() > DISK_SERIAL_MAX || !id.is_ascii() {
+                        return Err(format!(
+                            "serial '{id}' must be at most {DISK_SERIAL_MAX} ASCII characters"
+                        ));
+                    }
+                    cfg.serial = Some(id.to_string());
+                }
+                ("path", Some(p)) => path = Some(p),
+                (p, None) if path.is_none() => path = Some(p),
+                (k, _) => {
+                    return Err(format!(
+                        "unknown disk option '{k}': expected PATH[,readonly][,model=virtio][,serial=ID]"
+                    ))
+                }
+            }
+        }
+        match path {
+            Some(p) if !p.is_empty() => cfg.path = PathBuf::from(p),
+            _ => return Err("a disk needs a path: --disk PATH[,readonly]".into()),
+        }
+        Ok(cfg)
+    }
+}
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            || format!("bad MAC address '{s}': expected six hex bytes like 02:00:00:00:00:01");
+        let bytes: Vec<u8> = s
+            .split(':')
+            .map(|b| {
+                if b.len() == 2 {
+                    u8::from_str_radix(b, 16).ok()
+                } else {
+                    None
+                }
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?;
+        let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+        if mac[0] & 1 != 0 {
+            return Err(format!("MAC address '{s}' is a multicast address; a NIC needs a unicast one (first byte even)"));
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Which host TAP device a NIC uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapConfig {
+    /// An existing TAP device (or one the VMM may create) with this name.
+    Named(String),
+    /// A new TAP device named by the kernel (`fvmtapN`), removed when the VMM exits.
+    Auto,
+}
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+pub const IFNAME_MAX: usize = 15;
+
+/// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: TapConfig,
+    pub mac: Option<MacAddr>,
+    pub model: DeviceModel,
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut tap = None;
+        let mut mac = None;
+        let mut model = DeviceModel::Virtio;
+        for (key, value) in parse_options(s) {
+            match (key, value) {
+                ("tap", Some("auto")) => tap = Some(TapConfig::Auto),
+                ("tap", Some(name)) => {
+                    if name.is_empty()
+                        || name.len() > IFNAME_MAX
+                        || name.contains('/')
+                        || name.contains(char::is_whitespace)
+                    {
+                        return Err(format!(
+                            "bad TAP name '{name}': 1 to {IFNAME_MAX} characters, no '/' or spaces"
+                        ));
+                    }
+                    tap = Some(TapConfig::Named(name.to_string()));
+                }
+                ("mac", Some(m)) => mac = Some(m.parse()?),
+                ("model", Some(m)) => model = m.parse()?,
+                (k, _) => {
+                    return Err(format!(
+                        "unknown net option '{k}': expected tap=NAME|auto[,mac=MAC][,model=virtio]"
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or("a NIC needs a host TAP device: --net tap=NAME or tap=auto")?;
+        Ok(NetConfig { tap, mac, model })
+    }
+}
+
+/// The paravirtual console given with `--console virtio[,file=PATH|,stdio|,none]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleConfig {
+    pub model: DeviceModel,
+    pub backend: SerialBackend,
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut model = None;
+        let mut backend = SerialBackend::Stdio;
+        for (key, value) in parse_options(s) {
+            match (key, value) {
+                ("virtio", None) => model = Some(DeviceModel::Virtio),
+                ("model", Some(m)) => model = Some(m.parse()?),
+                ("stdio", None) => backend = SerialBackend::Stdio,
+                ("none", None) => backend = SerialBackend::None,
+                ("file", Some(p)) if !p.is_empty() => backend = SerialBackend::File(p.into()),
+                (k, _) => {
+                    return Err(format!(
+                        "unknown console option '{k}': expected virtio[,stdio|,file=PATH|,none]"
+                    ))
+                }
+            }
+        }
+        let model = model.ok_or("the console needs a model: --console virtio[,file=PATH]")?;
+        Ok(ConsoleConfig { model, backend })
+    }
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -95,6 +313,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub mem_mib: u64,
     pub serial: SerialBackend,
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub console: Option<ConsoleConfig>,
 }
 
 impl VmConfig {
@@ -107,6 +328,9 @@ impl VmConfig {
             vcpus: 1,
             mem_mib: 256,
             serial: SerialBackend::Stdio,
+            disks: Vec::new(),
+            nets: Vec::new(),
+            console: None,
         }
     }
 
@@ -133,6 +357,35 @@ impl VmConfig {
                     requested: self.mem_mib,
                     host,
                 });
+            }
+        }
+        if self.disks.len() > MAX_DEVICES_PER_KIND {
+            return Err(ConfigError::TooMany("disks", self.disks.len()));
+        }
+        if self.nets.len() > MAX_DEVICES_PER_KIND {
+            return Err(ConfigError::TooMany("NICs", self.nets.len()));
+        }
+        for disk in &self.disks {
+            let meta = std::fs::metadata(&disk.path).map_err(|source| ConfigError::OpenFile {
+                what: "disk image",
+                path: disk.path.clone(),
+                source,
+            })?;
+            if !meta.is_file()
+                && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type())
+            {
+                return Err(ConfigError::NotAFile {
+                    what: "disk image",
+                    path: disk.path.clone(),
+                });
+            }
+        }
+        let mut taps = std::collections::HashSet::new();
+        for net in &self.nets {
+            if let TapConfig::Named(name) = &net.tap {
+                if !taps.insert(name) {
+                    return Err(ConfigError::DuplicateTap(name.clone()));
+                }
             }
         }
         if self.cmdline.contains('\0') {
@@ -215,6 +468,99 @@ mod tests {
         assert!(err.contains("needs a path"), "{err}");
         let err = "tcp:1234".parse::<SerialBackend>().unwrap_err();
         assert!(err.contains("unknown serial backend 'tcp:1234'"), "{err}");
+    }
+
+    #[test]
+    fn disk_options_parse() {
+        let d: DiskConfig = "/tmp/a.img".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(!d.readonly);
+        assert_eq!(d.model, DeviceModel::Virtio);
+        let d: DiskConfig = "/tmp/a.img,readonly,model=virtio,serial=disk-7"
+            .parse()
+            .unwrap();
+        assert!(d.readonly);
+        assert_eq!(d.serial.as_deref(), Some("disk-7"));
+        let d: DiskConfig = "path=/x,ro".parse().unwrap();
+        assert_eq!((d.path, d.readonly), (PathBuf::from("/x"), true));
+        assert!(""
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("needs a path"));
+        assert!("/a,model=scsi"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("unknown device model 'scsi'"));
+        assert!("/a,cache=none"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("unknown disk option 'cache'"));
+        let long = format!("/a,serial={}", "x".repeat(21));
+        assert!(long
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("at most 20"));
+    }
+
+    #[test]
+    fn net_options_parse() {
+        let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(n.tap, TapConfig::Named("tap0".into()));
+        assert_eq!(n.mac, Some(MacAddr([2, 0, 0, 0, 0, 1])));
+        assert_eq!(n.mac.unwrap().to_string(), "02:00:00:00:00:01");
+        let n: NetConfig = "tap=auto".parse().unwrap();
+        assert_eq!(n.tap, TapConfig::Auto);
+        assert!("mac=02:00:00:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("needs a host TAP"));
+        assert!("tap=a-very-long-interface-name"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("bad TAP name"));
+        assert!("tap=t,mac=01:00:00:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("multicast"));
+        assert!("tap=t,mac=02:00:00:00:00"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("bad MAC"));
+        assert!("tap=t,mac=02:00:00:00:00:zz"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("bad MAC"));
+    }
+
+    #[test]
+    fn console_options_parse() {
+        let c: ConsoleConfig = "virtio".parse().unwrap();
+        assert_eq!(c.backend, SerialBackend::Stdio);
+        let c: ConsoleConfig = "virtio,file=/tmp/hvc.log".parse().unwrap();
+        assert_eq!(c.backend, SerialBackend::File("/tmp/hvc.log".into()));
+        assert!("file=/x"
+            .parse::<ConsoleConfig>()
+            .unwrap_err()
+            .contains("needs a model"));
+        assert!("virtio,tcp"
+            .parse::<ConsoleConfig>()
+            .unwrap_err()
+            .contains("unknown console option 'tcp'"));
+    }
+
+    #[test]
+    fn rejects_missing_disks_and_shared_taps() {
+        let (_f, mut cfg) = kernel_file();
+        cfg.disks.push("/nonexistent/disk.img".parse().unwrap());
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Failed to open the disk image /nonexistent/disk.img"
+        );
+        cfg.disks.clear();
+        cfg.nets.push("tap=t0".parse().unwrap());
+        cfg.nets.push("tap=t0".parse().unwrap());
+        assert!(matches!(cfg.validate(), Err(ConfigError::DuplicateTap(_))));
     }
 
     #[test]

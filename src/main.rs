@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use ferrovm::config::{SerialBackend, DEFAULT_CMDLINE};
+use ferrovm::config::{ConsoleConfig, DiskConfig, NetConfig, SerialBackend, DEFAULT_CMDLINE};
 use ferrovm::{terminal, VmConfig, Vmm};
 
 /// A micro-VMM on KVM: boots a Linux kernel with emulated and paravirtual devices.
@@ -62,6 +62,21 @@ struct RunArgs {
     /// guest runs), "file=PATH" (output only) or "none"
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     serial: SerialBackend,
+
+    /// A raw disk image, PATH[,readonly][,model=virtio][,serial=ID]; repeatable. Disks
+    /// appear as /dev/vda, /dev/vdb, ... in order (root=/dev/vda boots from the first)
+    #[arg(long = "disk", value_name = "DISK")]
+    disks: Vec<DiskConfig>,
+
+    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio]; repeatable.
+    /// tap=auto creates a TAP named fvmtapN for the VM's lifetime (needs CAP_NET_ADMIN)
+    #[arg(long = "net", value_name = "NIC")]
+    nets: Vec<NetConfig>,
+
+    /// A paravirtual console (/dev/hvc0), virtio[,stdio|,file=PATH|,none]; with stdio it
+    /// takes the terminal's input (the serial port keeps its output)
+    #[arg(long, value_name = "CONSOLE")]
+    console: Option<ConsoleConfig>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -73,6 +88,9 @@ impl From<RunArgs> for VmConfig {
             vcpus: a.cpus,
             mem_mib: a.memory,
             serial: a.serial,
+            disks: a.disks,
+            nets: a.nets,
+            console: a.console,
         }
     }
 }

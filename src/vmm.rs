@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use log::{debug, error, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal};
@@ -20,7 +20,9 @@ use crate::config::{ConfigError, SerialBackend, VmConfig};
 use crate::devices::legacy::serial::stdin_input;
 use crate::devices::legacy::SerialInputHandler;
 use crate::devices::manager::{DeviceError, DeviceManager};
-use crate::devices::Bus;
+use crate::devices::virtio::block::{BlockError, RawFile};
+use crate::devices::virtio::VirtioBlock;
+use crate::devices::{Bus, DeviceEventManager};
 use crate::terminal::RawTerminal;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
@@ -61,6 +63,8 @@ pub enum VmmError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Block(#[from] BlockError),
     #[error("Failed to open the serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -132,8 +136,6 @@ fn signal_name(n: i32) -> String {
     }
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
 /// A VM ready to run.
 pub struct Vmm {
     // Declared before `mem` so vCPUs and the VM go away before the memory they map.
@@ -142,7 +144,7 @@ pub struct Vmm {
     _mem: GuestMemoryMmap,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    event_manager: EventManager<Subscriber>,
+    event_manager: DeviceEventManager,
     run_state: Arc<VmRunState>,
     raw_terminal: bool,
 }
@@ -154,12 +156,17 @@ impl Vmm {
         // Bad kernel or initrd files are reported before KVM is touched.
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
         let (serial_out, serial_in) = open_serial_backend(&cfg.serial)?;
+        let disks = cfg
+            .disks
+            .iter()
+            .map(|d| RawFile::open(&d.path, d.readonly).map(|file| (d, file)))
+            .collect::<Result<Vec<_>, _>>()?;
 
         let vm = KvmVm::new(cfg.vcpus)?;
         let mem = create_guest_memory(cfg.mem_bytes())?;
         vm.register_memory(&mem)?;
 
-        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        let mut event_manager = DeviceEventManager::new().map_err(VmmError::EventLoop)?;
         let mut devices = DeviceManager::new();
         let serial = devices.attach_serial(&vm, serial_out)?;
         if serial_in {
@@ -169,6 +176,16 @@ impl Vmm {
             event_manager.add_subscriber(Arc::new(Mutex::new(input)));
         }
         let reset_evt = devices.attach_i8042()?;
+        for (i, (disk, file)) in disks.into_iter().enumerate() {
+            let name = format!("vd{}", char::from(b'a' + i as u8));
+            let id = disk
+                .serial
+                .clone()
+                .unwrap_or_else(|| default_disk_id(&disk.path));
+            let dev = VirtioBlock::new(name.clone(), Box::new(file), disk.readonly, &id)?;
+            let what = format!("disk {name} ({})", disk.path.display());
+            devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &what)?;
+        }
 
         let cmdline = build_cmdline(&cfg.cmdline, devices.cmdline_extra())?;
         debug!(
@@ -300,6 +317,18 @@ impl Vmm {
     }
 }
 
+/// The id a disk reports when none is given: its file name, cut to what virtio-blk carries.
+fn default_disk_id(path: &std::path::Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    name.chars()
+        .filter(char::is_ascii)
+        .take(crate::config::DISK_SERIAL_MAX)
+        .collect()
+}
+
 /// Opens the serial backend: the writer for guest output, and whether stdin feeds input.
 fn open_serial_backend(backend: &SerialBackend) -> Result<(Box<dyn Write + Send>, bool), VmmError> {
     Ok(match backend {
@@ -399,6 +428,16 @@ mod tests {
             classify_exit(GuestExit::Halted, true, false),
             GuestExit::Halted
         );
+    }
+
+    #[test]
+    fn default_disk_ids_are_file_names_cut_to_20_bytes() {
+        assert_eq!(
+            default_disk_id(std::path::Path::new("/x/root.img")),
+            "root.img"
+        );
+        let long = default_disk_id(std::path::Path::new("/x/a-very-long-image-name-indeed.raw"));
+        assert_eq!(long, "a-very-long-image-na");
     }
 
     #[test]

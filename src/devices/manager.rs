@@ -5,11 +5,21 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use event_manager::{MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::IoEventAddress;
+use log::info;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, I8042_PORT, I8042_PORT_LEN, UART_PORT_LEN};
+use crate::arch::x86_64::layout::{
+    COM1_IRQ, COM1_PORT, DEVICE_IRQS, I8042_PORT, I8042_PORT_LEN, UART_PORT_LEN,
+    VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
+};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{SerialDevice, I8042};
+use crate::devices::virtio::mmio::{MMIO_LEN, REG_QUEUE_NOTIFY};
+use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
+use crate::devices::DeviceEventManager;
+use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vm::{KvmVm, VmError};
 
 /// Errors wiring devices.
@@ -20,7 +30,11 @@ pub enum DeviceError {
     #[error("Failed to create an eventfd for the {0}")]
     EventFd(&'static str, #[source] std::io::Error),
     #[error("Failed to connect the {0}'s interrupt")]
-    Irq(&'static str, #[source] VmError),
+    Irq(String, #[source] VmError),
+    #[error("Failed to register the queue notifications of {0} with KVM")]
+    IoEvent(String, #[source] kvm_ioctls::Error),
+    #[error("No interrupt line left for {0}: at most {n} devices get one", n = DEVICE_IRQS.len())]
+    OutOfIrqs(String),
 }
 
 /// Builds the port I/O and MMIO buses.
@@ -29,6 +43,10 @@ pub struct DeviceManager {
     pio_bus: Bus,
     mmio_bus: Bus,
     cmdline_extra: Vec<String>,
+    /// How many of `DEVICE_IRQS` are taken.
+    irqs_used: usize,
+    /// How many virtio-mmio slots are taken.
+    mmio_slots_used: u64,
 }
 
 impl DeviceManager {
@@ -46,7 +64,7 @@ impl DeviceManager {
         let irq_evt =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(WHAT, e))?;
         vm.register_irqfd(&irq_evt, COM1_IRQ)
-            .map_err(|e| DeviceError::Irq(WHAT, e))?;
+            .map_err(|e| DeviceError::Irq(WHAT.into(), e))?;
         let serial = Arc::new(Mutex::new(
             SerialDevice::new(irq_evt, out).map_err(|e| DeviceError::EventFd(WHAT, e))?,
         ));
@@ -78,6 +96,63 @@ impl DeviceManager {
             )
             .map_err(|e| DeviceError::Bus(WHAT, e))?;
         Ok(reset_evt)
+    }
+
+    fn allocate_irq(&mut self, what: &str) -> Result<u32, DeviceError> {
+        let irq = *DEVICE_IRQS
+            .get(self.irqs_used)
+            .ok_or_else(|| DeviceError::OutOfIrqs(what.into()))?;
+        self.irqs_used += 1;
+        Ok(irq)
+    }
+
+    /// Wires a virtio device in: an MMIO slot with the transport, an IRQ through an irqfd,
+    /// one ioeventfd per queue on QueueNotify (matched on the queue index, so a notify never
+    /// exits to userspace), the device's event handler on the event loop, and the
+    /// `virtio_mmio.device=` parameter that tells the guest where to find it.
+    pub fn attach_virtio<D>(
+        &mut self,
+        vm: &KvmVm,
+        mem: &GuestMemoryMmap,
+        event_manager: &mut DeviceEventManager,
+        device: D,
+        what: &str,
+    ) -> Result<Arc<Mutex<D>>, DeviceError>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        let irq = self.allocate_irq(what)?;
+        let base = VIRTIO_MMIO_START + self.mmio_slots_used * VIRTIO_MMIO_SLOT_SIZE;
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| DeviceError::EventFd("virtio device", e))?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(|e| DeviceError::Irq(what.into(), e))?;
+        for (i, evt) in device.queue_events().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY),
+                    i as u32,
+                )
+                .map_err(|e| DeviceError::IoEvent(what.into(), e))?;
+        }
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(
+            mem.clone(),
+            device.clone(),
+            Arc::new(VirtioInterrupt::new(irq_evt)),
+        );
+        self.mmio_bus
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)
+            .map_err(|e| DeviceError::Bus("virtio device", e))?;
+        self.mmio_slots_used += 1;
+        event_manager.add_subscriber(device.clone());
+        self.cmdline_extra.push(format!(
+            "virtio_mmio.device={}K@{base:#x}:{irq}",
+            MMIO_LEN >> 10
+        ));
+        info!("{what}: virtio-mmio at {base:#x}, IRQ {irq}");
+        Ok(device)
     }
 
     /// Kernel command line parameters the attached devices need.

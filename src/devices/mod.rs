@@ -3,5 +3,13 @@
 pub mod bus;
 pub mod legacy;
 pub mod manager;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+use std::sync::{Arc, Mutex};
+
+/// A device (or other handler) as the event loop holds it.
+pub type EventSubscriber = Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>;
+/// The one event loop for device I/O, run on the VMM's main thread.
+pub type DeviceEventManager = event_manager::EventManager<EventSubscriber>;

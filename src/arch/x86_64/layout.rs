@@ -77,5 +77,7 @@ pub const I8042_PORT: u16 = 0x60;
 pub const I8042_PORT_LEN: u16 = 5;
 /// Number of IOAPIC pins the in-kernel irqchip has (and the MP table declares).
 pub const IOAPIC_NUM_PINS: u32 = 24;
-/// First IRQ free for devices after the ISA legacy ones (virtio-mmio devices start here).
-pub const IRQ_DEVICE_START: u32 = 5;
+/// IRQs handed to devices that are not at a fixed legacy place, in order: the free ISA ones
+/// (not 1 keyboard, 3/4 serial, 8 RTC, 12 mouse, 13 FPU, 14/15 IDE) and then the IOAPIC-only
+/// pins 16-23.
+pub const DEVICE_IRQS: &[u32] = &[5, 6, 7, 9, 10, 11, 16, 17, 18, 19, 20, 21, 22, 23];

@@ -1,0 +1,265 @@
+//! What every virtio device shares: the device trait the MMIO transport drives, the
+//! interrupt status both sides touch, the activation hand-off from the vCPU thread to the
+//! event loop, and the descriptor chain reader that refuses chains a guest made loop.
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use log::error;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Feature bits every device here offers (virtio 1.x, section 6).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Used/avail event indices, which let both sides suppress most notifications.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Interrupt status bits (virtio 1.x, 4.2.2 "MMIO Device Register Layout").
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
+
+/// Errors activating a device.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the device expects {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("failed to signal activation to the event loop")]
+    EventFd(#[source] io::Error),
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A virtio device as the MMIO transport sees it.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (1 net, 2 block, 3 console).
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver.
+    fn avail_features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (ignored unless a device has writable
+    /// fields).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::warn!(
+            "virtio device {}: ignored {}-byte config write at {offset:#x}",
+            self.device_type(),
+            data.len()
+        );
+    }
+    /// The eventfds KVM signals when the guest notifies each queue (ioeventfds).
+    fn queue_events(&self) -> &[EventFd];
+    /// Takes over the queues after DRIVER_OK. Runs on a vCPU thread: the device records what
+    /// it needs and hands the rest to the event loop.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Returns to the state before activation (the driver wrote 0 to Status).
+    fn reset(&mut self);
+}
+
+/// Everything a device receives when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<VirtioInterrupt>,
+    pub acked_features: u64,
+}
+
+/// The interrupt line of a virtio-mmio device and its InterruptStatus register, shared by the
+/// transport (which the guest reads and acknowledges) and the device (which raises it from
+/// the event loop without taking the transport's lock).
+#[derive(Debug)]
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    irq_evt: EventFd,
+}
+
+impl VirtioInterrupt {
+    pub fn new(irq_evt: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            irq_evt,
+        }
+    }
+
+    fn raise(&self, bit: u32) -> io::Result<()> {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.irq_evt.write(1)
+    }
+
+    /// Tells the driver there are new entries in a used ring.
+    pub fn signal_used_queue(&self) {
+        if let Err(e) = self.raise(VIRTIO_MMIO_INT_VRING) {
+            error!("virtio: failed to raise the used-ring interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver the configuration space (or device status) changed.
+    pub fn signal_config_change(&self) {
+        if let Err(e) = self.raise(VIRTIO_MMIO_INT_CONFIG) {
+            error!("virtio: failed to raise the config-change interrupt: {e}");
+        }
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// A write to InterruptACK clears the given bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears everything (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What is wrong with a descriptor chain as a whole.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("descriptor chain loops or is longer than the queue ({0} descriptors)")]
+    TooLong(u16),
+    #[error("empty descriptor chain")]
+    Empty,
+}
+
+/// Reads a whole chain. virtio-queue stops yielding after `queue size` descriptors; a last
+/// descriptor that still says NEXT means the guest built a loop or an over-long chain
+/// (virtio 1.x 2.7.5.3.1: a chain must not be longer than the queue).
+pub fn read_chain<M>(
+    chain: DescriptorChain<M>,
+    queue_size: u16,
+) -> Result<Vec<Descriptor>, ChainError>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let descs: Vec<Descriptor> = chain.collect();
+    match descs.last() {
+        None => Err(ChainError::Empty),
+        Some(last) if last.has_next() => Err(ChainError::TooLong(queue_size)),
+        Some(_) => Ok(descs),
+    }
+}
+
+/// The state of a device between activation and reset, common to all devices.
+pub struct DeviceState {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<VirtioInterrupt>,
+    pub acked_features: u64,
+}
+
+impl DeviceState {
+    /// Checks the queue count and takes the activation.
+    pub fn from_activation(a: Activation, expected_queues: usize) -> Result<Self, ActivateError> {
+        if a.queues.len() != expected_queues {
+            return Err(ActivateError::QueueCount {
+                expected: expected_queues,
+                got: a.queues.len(),
+            });
+        }
+        Ok(Self {
+            mem: a.mem,
+            queues: a.queues,
+            interrupt: a.interrupt,
+            acked_features: a.acked_features,
+        })
+    }
+
+    /// Signals the driver if the queue's notification suppression allows it.
+    pub fn notify_if_needed(&mut self, queue: usize) {
+        let mem = &self.mem;
+        match self.queues[queue].needs_notification(mem) {
+            Ok(true) => self.interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(e) => {
+                log::warn!("virtio: cannot read the used event of queue {queue}: {e}; notifying");
+                self.interrupt.signal_used_queue();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils {
+    //! Guest memory and mock queues for device tests.
+
+    use vm_memory::GuestAddress;
+
+    use crate::vstate::memory::GuestMemoryMmap;
+
+    /// Where test buffers go: above the mock queues, which virtio-queue lays out from 0.
+    pub const DATA_START: u64 = 0x10_0000;
+    /// Size of the test guest memory.
+    pub const MEM_SIZE: u64 = 0x40_0000;
+
+    /// 4 MiB of guest memory at address 0.
+    pub fn guest_memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_utils::guest_memory;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+
+    #[test]
+    fn interrupt_status_is_set_and_acked() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = VirtioInterrupt::new(evt.try_clone().unwrap());
+        irq.signal_used_queue();
+        irq.signal_config_change();
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(evt.read().unwrap(), 2);
+        irq.ack(VIRTIO_MMIO_INT_VRING);
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_CONFIG);
+        irq.reset();
+        assert_eq!(irq.status(), 0);
+    }
+
+    #[test]
+    fn well_formed_chain_is_read_whole() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(0x10_1000, 16, F_NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x10_2000, 512, F_NEXT, 2)),
+            RawDescriptor::from(SplitDescriptor::new(0x10_3000, 1, 0, 0)),
+        ];
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        let got = read_chain(chain, 16).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1].addr(), GuestAddress(0x10_2000));
+    }
+
+    #[test]
+    fn looping_chain_is_refused() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::new(&mem, 4);
+        // 0 -> 1 -> 0 -> ...
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(0x10_1000, 16, F_NEXT, 1)),
+            RawDescriptor::from(SplitDescriptor::new(0x10_2000, 16, F_NEXT, 0)),
+        ];
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.pop_descriptor_chain(&mem).unwrap();
+        assert_eq!(read_chain(chain, 4).unwrap_err(), ChainError::TooLong(4));
+    }
+}
