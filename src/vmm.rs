@@ -17,11 +17,13 @@ use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal
 use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::config::{ConfigError, SerialBackend, VmConfig};
-use crate::devices::legacy::serial::stdin_input;
+use crate::devices::host_input::stdin_input;
 use crate::devices::legacy::SerialInputHandler;
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::virtio::block::{BlockError, RawFile};
-use crate::devices::virtio::VirtioBlock;
+use crate::devices::virtio::console::ConsoleError;
+use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
+use crate::devices::virtio::{VirtioBlock, VirtioConsole};
 use crate::devices::{Bus, DeviceEventManager};
 use crate::terminal::RawTerminal;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
@@ -65,13 +67,17 @@ pub enum VmmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Block(#[from] BlockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
     #[error("Failed to open the serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("Failed to connect stdin to the serial port")]
+    #[error("Failed to connect stdin to the console")]
     SerialInput(#[source] std::io::Error),
     #[error("Failed to set up the event loop")]
     EventLoop(#[source] event_manager::Error),
@@ -155,12 +161,20 @@ impl Vmm {
         cfg.validate()?;
         // Bad kernel or initrd files are reported before KVM is touched.
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
-        let (serial_out, serial_in) = open_serial_backend(&cfg.serial)?;
+        let (serial_out, serial_wants_stdin) = open_serial_backend(&cfg.serial)?;
+        let console = match &cfg.console {
+            Some(c) => Some(open_serial_backend(&c.backend)?),
+            None => None,
+        };
+        // Stdin has one reader: the virtio console when it is on stdio, else the UART.
+        let console_takes_stdin = console.as_ref().is_some_and(|(_, stdin)| *stdin);
+        let serial_in = serial_wants_stdin && !console_takes_stdin;
         let disks = cfg
             .disks
             .iter()
             .map(|d| RawFile::open(&d.path, d.readonly).map(|file| (d, file)))
             .collect::<Result<Vec<_>, _>>()?;
+        let taps = open_taps(&cfg.nets)?;
 
         let vm = KvmVm::new(cfg.vcpus)?;
         let mem = create_guest_memory(cfg.mem_bytes())?;
@@ -175,6 +189,15 @@ impl Vmm {
                 .map_err(VmmError::SerialInput)?;
             event_manager.add_subscriber(Arc::new(Mutex::new(input)));
         }
+        if let Some((out, wants_stdin)) = console {
+            let input = if wants_stdin {
+                Some(stdin_input().map_err(VmmError::SerialInput)?)
+            } else {
+                None
+            };
+            let dev = VirtioConsole::new(out, input)?;
+            devices.attach_virtio(&vm, &mem, &mut event_manager, dev, "virtio console (hvc0)")?;
+        }
         let reset_evt = devices.attach_i8042()?;
         for (i, (disk, file)) in disks.into_iter().enumerate() {
             let name = format!("vd{}", char::from(b'a' + i as u8));
@@ -184,6 +207,14 @@ impl Vmm {
                 .unwrap_or_else(|| default_disk_id(&disk.path));
             let dev = VirtioBlock::new(name.clone(), Box::new(file), disk.readonly, &id)?;
             let what = format!("disk {name} ({})", disk.path.display());
+            devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &what)?;
+        }
+        // NIC i is eth{i} in the guest: virtio-mmio devices are probed in command line order.
+        for (i, (net, tap)) in cfg.nets.iter().zip(taps).enumerate() {
+            let name = format!("eth{i}");
+            let mac = net.mac.unwrap_or_else(|| default_mac(i));
+            let what = format!("NIC {name} (TAP {}, MAC {mac})", tap.name());
+            let dev = VirtioNet::new(name, Box::new(tap), mac)?;
             devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &what)?;
         }
 
@@ -228,7 +259,7 @@ impl Vmm {
             mmio,
             event_manager,
             run_state,
-            raw_terminal: cfg.serial == SerialBackend::Stdio,
+            raw_terminal: serial_wants_stdin || console_takes_stdin,
         })
     }
 

@@ -346,6 +346,12 @@ impl Vm {
         }
     }
 
+    /// Gives the VMM a pipe as stdin, written with `Running::write_stdin`.
+    pub fn stdin_piped(&mut self) -> &mut Self {
+        self.cmd.stdin(Stdio::piped());
+        self
+    }
+
     /// Feeds `bytes` to the VMM's stdin (the serial console's input).
     pub fn stdin_bytes(&mut self, bytes: &[u8]) -> &mut Self {
         let p = temp_path("stdin");
@@ -357,6 +363,8 @@ impl Vm {
 
 impl Running {
     /// Waits until a stdout line contains `needle`; panics with the output at the timeout.
+    /// The kernel prints its command line, so a marker should be computed by the guest
+    /// (`echo ready-$((6*7))`), not appear literally in the command.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -378,6 +386,18 @@ impl Running {
                 }
             }
         }
+    }
+
+    /// Writes to the VMM's stdin (set up with `Vm::stdin_piped`).
+    pub fn write_stdin(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self
+            .child
+            .stdin
+            .as_mut()
+            .expect("Vm::stdin_piped was not called");
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
     }
 
     /// Sends `sig` to the VMM process.

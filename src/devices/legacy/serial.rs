@@ -6,7 +6,7 @@
 //! loop through `buffer_ready` to read more. Host input is never dropped.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -16,6 +16,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::devices::host_input::HostInput;
 
 /// Raises an interrupt by writing to an eventfd that KVM watches as an irqfd.
 #[derive(Debug)]
@@ -162,45 +163,13 @@ impl BusDevice for SerialDevice {
     }
 }
 
-/// What the input side of a serial port reads from (stdin in practice, a pipe in tests).
-pub trait SerialInput: Read + AsRawFd + Send {}
-impl<T: Read + AsRawFd + Send> SerialInput for T {}
-
-/// Stdin as a serial input. Regular files and /dev/null cannot be watched with epoll, so
-/// those are forwarded through a pipe by a small thread; terminals and pipes are used as is.
-pub fn stdin_input() -> io::Result<Box<dyn SerialInput>> {
-    let stdin = io::stdin();
-    if is_pollable(stdin.as_raw_fd()) {
-        return Ok(Box::new(stdin));
-    }
-    let (reader, mut writer) = io::pipe()?;
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            // Ends at EOF (closing the pipe, which the handler sees as EOF) or when the VMM
-            // exits; the pipe's capacity gives back-pressure while the guest is slow.
-            let _ = io::copy(&mut io::stdin().lock(), &mut writer);
-        })?;
-    Ok(Box::new(reader))
-}
-
-fn is_pollable(fd: RawFd) -> bool {
-    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
-    let Ok(epoll) = Epoll::new() else {
-        return false;
-    };
-    epoll
-        .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
-        .is_ok()
-}
-
 const EVT_INPUT: u32 = 0;
 const EVT_BUFFER_READY: u32 = 1;
 
 /// Event-loop side of a serial port: moves host input into the UART.
 pub struct SerialInputHandler {
     device: Arc<Mutex<SerialDevice>>,
-    input: Box<dyn SerialInput>,
+    input: Box<dyn HostInput>,
     buffer_ready: EventFd,
     /// Input is registered with the event loop (false while the FIFO is full or after EOF).
     polling_input: bool,
@@ -208,7 +177,7 @@ pub struct SerialInputHandler {
 }
 
 impl SerialInputHandler {
-    pub fn new(device: Arc<Mutex<SerialDevice>>, input: Box<dyn SerialInput>) -> io::Result<Self> {
+    pub fn new(device: Arc<Mutex<SerialDevice>>, input: Box<dyn HostInput>) -> io::Result<Self> {
         let buffer_ready = lock(&device).buffer_ready_evt()?;
         Ok(Self {
             device,
@@ -411,18 +380,6 @@ mod tests {
     }
 
     #[test]
-    fn pipes_are_pollable_regular_files_are_not() {
-        let (r, _w) = std::io::pipe().unwrap();
-        assert!(is_pollable(r.as_raw_fd()));
-        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
-        assert!(!is_pollable(f.as_file().as_raw_fd()));
-    }
-
-    fn open_port(dev: &mut SerialDevice) {
-        dev.write(IER_OFFSET, &[IER_RDI]);
-    }
-
-    #[test]
     fn divisor_latch_writes_do_not_count_as_ier() {
         let (mut dev, _irq, _out) = device();
         dev.write(LCR_OFFSET, &[LCR_DLAB | 0x03]);
@@ -431,6 +388,10 @@ mod tests {
         dev.write(LCR_OFFSET, &[0x03]);
         dev.write(IER_OFFSET, &[0x01]);
         assert!(dev.is_receiving());
+    }
+
+    fn open_port(dev: &mut SerialDevice) {
+        dev.write(IER_OFFSET, &[IER_RDI]);
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! Paravirtual devices: virtio 1.x over the virtio-mmio transport.
 
 pub mod block;
+pub mod console;
 pub mod device;
 pub mod mmio;
+pub mod net;
+pub mod tap;
 
 pub use block::VirtioBlock;
+pub use console::VirtioConsole;
 pub use device::{VirtioDevice, VirtioInterrupt};
 pub use mmio::MmioTransport;
+pub use net::VirtioNet;

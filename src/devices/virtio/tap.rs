@@ -1,0 +1,312 @@
+//! A host TAP device (Linux `Documentation/networking/tuntap.rst`): the other end of a
+//! virtio-net NIC.
+//!
+//! The TAP is opened with IFF_VNET_HDR and a 12-byte header size, so every frame read from or
+//! written to it starts with a `struct virtio_net_hdr_v1` (virtio 1.x, 5.1.6) and carries the
+//! checksum and segmentation offload state between the guest and the host stack unchanged.
+//! The file descriptor is non-blocking. All of the VMM's `unsafe` for TAP ioctls is here.
+
+use std::ffi::CStr;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use log::info;
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
+
+use crate::config::TapConfig;
+
+/// The TUN/TAP control device, unless `FERROVM_TUN_DEVICE` names another (tests use it to
+/// check the errors for a missing or wrong device).
+pub const DEFAULT_TUN_DEVICE: &str = "/dev/net/tun";
+/// The name asked for with tap=auto; the kernel replaces `%d` with the first free number.
+pub const AUTO_TAP_NAME: &str = "fvmtap%d";
+/// Size of `struct virtio_net_hdr_v1`, the header on every frame (virtio 1.x, 5.1.6).
+pub const VNET_HDR_LEN: i32 = 12;
+
+/// Errors opening or setting up a TAP device. Causes the user can act on are spelled out in
+/// the message with the remedy (like the KVM device errors); anything else keeps the OS
+/// error as its source.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("Failed to open TAP device {name}: {tun} does not exist (load the tun module: `modprobe tun`)")]
+    NoTunDevice { name: String, tun: PathBuf },
+    #[error("Failed to open TAP device {name}: permission denied on {tun} (run as root, or give your user read and write access to {tun})")]
+    TunPermission { name: String, tun: PathBuf },
+    #[error(
+        "Failed to open TAP device {name}: {tun} is not the TUN/TAP control device (it does not \
+         answer TUNSETIFF)"
+    )]
+    NotTunDevice { name: String, tun: PathBuf },
+    #[error("Failed to open TAP device {name}: operation not permitted (needs CAP_NET_ADMIN, or create it with `ip tuntap add {name} mode tap user $USER`)")]
+    NotPermitted { name: String },
+    #[error("Failed to create a TAP device for tap=auto: operation not permitted (needs CAP_NET_ADMIN; or create one with `ip tuntap add NAME mode tap user $USER` and give tap=NAME)")]
+    AutoNotPermitted,
+    #[error("Failed to open TAP device {name}: an interface with that name exists and is not a TAP device (give the name of a TAP, e.g. one made with `ip tuntap add NAME mode tap`)")]
+    NotTap { name: String },
+    #[error("Failed to open TAP device {name}: it is in use by another process (each NIC needs a TAP of its own)")]
+    Busy { name: String },
+    #[error("Failed to open TAP device {name}")]
+    Open {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Failed to {what} of TAP device {name}")]
+    Setup {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// `struct ifreq` with the one union member used here (`ifr_flags`); 40 bytes like the
+/// kernel's, which copies the whole struct in and out.
+#[repr(C)]
+#[derive(Default)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl IfReq {
+    /// An ifreq naming `name`, which the caller has checked fits (IFNAMSIZ - 1 bytes).
+    fn with_name(name: &str) -> Self {
+        let mut req = Self::default();
+        let n = name.len().min(libc::IFNAMSIZ - 1);
+        req.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        req
+    }
+
+    fn name(&self) -> String {
+        CStr::from_bytes_until_nul(&self.name)
+            .map(|c| c.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// An open TAP device.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+    created: bool,
+}
+
+impl Tap {
+    /// Opens the TAP of `cfg`: an existing TAP by name (created, and removed again when the
+    /// VMM exits, if it does not exist and we may), or with tap=auto a new one named
+    /// `fvmtapN` by the kernel. A TAP the VMM created is brought up.
+    pub fn open(cfg: &TapConfig) -> Result<Self, TapError> {
+        let tun = std::env::var_os("FERROVM_TUN_DEVICE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_TUN_DEVICE));
+        let tap = match cfg {
+            TapConfig::Named(name) => Self::open_at(&tun, name, false)?,
+            TapConfig::Auto => Self::open_at(&tun, AUTO_TAP_NAME, true)?,
+        };
+        if tap.created {
+            tap.bring_up()?;
+            info!(
+                "Created TAP device {} (removed when ferrovm exits) and brought it up",
+                tap.name
+            );
+        } else {
+            info!("Opened TAP device {}", tap.name);
+        }
+        Ok(tap)
+    }
+
+    /// Opens `name` through the control device `tun`, without bringing anything up.
+    fn open_at(tun: &Path, name: &str, auto: bool) -> Result<Self, TapError> {
+        let shown = if auto { "(tap=auto)" } else { name };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(tun)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => TapError::NoTunDevice {
+                    name: shown.into(),
+                    tun: tun.into(),
+                },
+                Some(libc::EACCES | libc::EPERM) => TapError::TunPermission {
+                    name: shown.into(),
+                    tun: tun.into(),
+                },
+                _ => TapError::Open {
+                    name: shown.into(),
+                    source: e,
+                },
+            })?;
+        let existed = !auto && Path::new("/sys/class/net").join(name).exists();
+        let mut req = IfReq::with_name(name);
+        req.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes back a `struct ifreq`; `req` is one (same size
+        // and layout for the name and flags), valid and exclusively borrowed for the call.
+        let ret = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EPERM | libc::EACCES) if auto => TapError::AutoNotPermitted,
+                Some(libc::EPERM | libc::EACCES) => TapError::NotPermitted { name: name.into() },
+                Some(libc::EINVAL) if existed => TapError::NotTap { name: name.into() },
+                Some(libc::EBUSY) => TapError::Busy { name: name.into() },
+                Some(libc::ENOTTY | libc::EBADF) => TapError::NotTunDevice {
+                    name: shown.into(),
+                    tun: tun.into(),
+                },
+                _ => TapError::Open {
+                    name: shown.into(),
+                    source: e,
+                },
+            });
+        }
+        let tap = Self {
+            file,
+            name: req.name(),
+            created: !existed,
+        };
+        tap.set_vnet_hdr_len()?;
+        // A TAP that lived before (persistent) may keep the offloads of its last user.
+        tap.set_offload(0).map_err(|source| TapError::Setup {
+            name: tap.name.clone(),
+            what: "clear the offloads",
+            source,
+        })?;
+        Ok(tap)
+    }
+
+    /// The interface name (the kernel's choice with tap=auto).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this VMM created the interface (tap=auto, or a name that did not exist).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    fn set_vnet_hdr_len(&self) -> Result<(), TapError> {
+        let len: libc::c_int = VNET_HDR_LEN;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer; `len` is a valid int
+        // that outlives the call.
+        let ret = unsafe { ioctl_with_ref(&self.file, libc::TUNSETVNETHDRSZ, &len) };
+        if ret < 0 {
+            return Err(TapError::Setup {
+                name: self.name.clone(),
+                what: "set the virtio header size",
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Tells the TAP which offloads the guest takes (TUN_F_CSUM, TUN_F_TSO4, ...): the host
+    /// may then hand over frames with partial checksums or up to 64 KiB long.
+    pub fn set_offload(&self, flags: u32) -> io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value and touches no memory of ours.
+        let ret =
+            unsafe { ioctl_with_val(&self.file, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sets IFF_UP on the interface (SIOCGIFFLAGS/SIOCSIFFLAGS on an AF_INET socket).
+    fn bring_up(&self) -> Result<(), TapError> {
+        let fail = |source| TapError::Setup {
+            name: self.name.clone(),
+            what: "bring up the link",
+            source,
+        };
+        // SAFETY: socket() takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a socket just created and owned by nobody else.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = IfReq::with_name(&self.name);
+        // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of a `struct ifreq`;
+        // `req` matches its layout and is exclusively borrowed for the call.
+        if unsafe { ioctl_with_mut_ref(&sock, libc::SIOCGIFFLAGS, &mut req) } < 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        req.flags |= libc::IFF_UP as libc::c_short;
+        // SAFETY: SIOCSIFFLAGS reads a `struct ifreq`, which `req` is, valid for the call.
+        if unsafe { ioctl_with_ref(&sock, libc::SIOCSIFFLAGS, &req) } < 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Reads one frame (virtio-net header first); WouldBlock when none is queued.
+    pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Writes one frame (virtio-net header first) in a single write.
+    pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
+        (&self.file).write(frame)
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifreq_has_the_kernel_size() {
+        assert_eq!(std::mem::size_of::<IfReq>(), 40);
+        let req = IfReq::with_name("fvmtap%d");
+        assert_eq!(req.name(), "fvmtap%d");
+        // A name at the limit keeps its terminating NUL.
+        let req = IfReq::with_name("0123456789abcdefgh");
+        assert_eq!(req.name(), "0123456789abcde");
+    }
+
+    #[test]
+    fn missing_control_device_says_to_load_tun() {
+        let err = Tap::open_at(Path::new("/nonexistent/tun"), "tap0", false).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("Failed to open TAP device tap0: "), "{msg}");
+        assert!(msg.contains("/nonexistent/tun does not exist"), "{msg}");
+        assert!(msg.contains("modprobe tun"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_control_device_is_refused() {
+        let err = Tap::open_at(Path::new("/dev/null"), "tap0", false).unwrap_err();
+        assert!(matches!(err, TapError::NotTunDevice { .. }), "{err}");
+        let err = Tap::open_at(Path::new("/dev/null"), AUTO_TAP_NAME, true).unwrap_err();
+        assert!(err.to_string().contains("(tap=auto)"), "{err}");
+    }
+
+    #[test]
+    fn permission_errors_say_what_to_do() {
+        let msg = TapError::NotPermitted {
+            name: "tap0".into(),
+        }
+        .to_string();
+        assert_eq!(
+            msg,
+            "Failed to open TAP device tap0: operation not permitted (needs CAP_NET_ADMIN, or \
+             create it with `ip tuntap add tap0 mode tap user $USER`)"
+        );
+        assert!(TapError::AutoNotPermitted
+            .to_string()
+            .contains("CAP_NET_ADMIN"));
+    }
+}
