@@ -47,9 +47,9 @@ const TX: usize = 1;
 pub const VNET_HDR_LEN: usize = 12;
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS_OFFSET: usize = 10;
-/// Largest frame either way, header included: a 64 KiB IP packet (a TSO/GSO segment), the
-/// Ethernet and VLAN headers, and the virtio-net header.
-pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65550;
+/// Largest frame either way, header included: the largest IP packet (what a TSO/GSO segment
+/// can reach), an Ethernet header with a VLAN tag, and the virtio-net header.
+pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 18 + 65535;
 /// Configuration space we fill: the MAC (5.1.4).
 const CONFIG_LEN: usize = 6;
 /// Frames moved from the TAP per wakeup, so transmit and other devices get their turn; the
@@ -264,7 +264,8 @@ impl VirtioNet {
             state: None,
             queues_registered: false,
             tap_watched: false,
-            rx_frame: vec![0; MAX_FRAME_LEN],
+            // One byte more than the largest frame, to tell a frame cut short by the read.
+            rx_frame: vec![0; MAX_FRAME_LEN + 1],
             rx_len: None,
             rx_held: Vec::new(),
             tx_frame: vec![0; MAX_FRAME_LEN],
@@ -402,7 +403,7 @@ impl VirtioNet {
             let len = match self.rx_len {
                 Some(len) => len,
                 None => match self.backend.read_frame(&mut self.rx_frame) {
-                    Ok(len) if len < VNET_HDR_LEN => {
+                    Ok(len) if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) => {
                         self.stats.rx_dropped += 1;
                         debug!("{}: {len}-byte frame from the TAP dropped", self.name);
                         continue;
@@ -573,7 +574,17 @@ impl VirtioNet {
             ops.remove(events)
         };
         match result {
-            Ok(()) => self.tap_watched = want,
+            Ok(()) => {
+                self.tap_watched = want;
+                if want {
+                    debug!("{}: watching the TAP", self.name);
+                } else {
+                    debug!(
+                        "{}: TAP not watched until the guest posts receive buffers",
+                        self.name
+                    );
+                }
+            }
             Err(e) => error!("{}: cannot change the watch on the TAP: {e:?}", self.name),
         }
     }
@@ -1059,6 +1070,21 @@ mod tests {
         assert_eq!((s.rx_dropped, s.rx_frames), (1, 1));
         // 112 bytes in 16-byte buffers.
         assert_eq!(h.used_idx(RX), 7);
+    }
+
+    #[test]
+    fn oversized_frame_from_the_tap_is_dropped() {
+        let mem = guest_memory();
+        let mut h = harness(&mem);
+        h.add_rx(&[(DATA_START, 0x2_0000)], F_WRITE);
+        h.activate(0);
+        h.host.send(&frame(MAX_FRAME_LEN + 100, 1)).unwrap();
+        let fits = frame(MAX_FRAME_LEN - VNET_HDR_LEN, 2);
+        h.host.send(&fits).unwrap();
+        assert!(h.dev.process_rx());
+        assert_eq!(h.dev.stats().rx_dropped, 1);
+        assert_eq!(h.used(RX, 0), (0, MAX_FRAME_LEN as u32));
+        assert_eq!(h.read(DATA_START + 12, 1000), fits[12..1012]);
     }
 
     #[test]
