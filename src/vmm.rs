@@ -17,10 +17,11 @@ use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal
 use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::config::{ConfigError, SerialBackend, VmConfig};
+use crate::devices::disk::{DiskError, RawFile};
 use crate::devices::host_input::stdin_input;
 use crate::devices::legacy::SerialInputHandler;
 use crate::devices::manager::{DeviceError, DeviceManager};
-use crate::devices::virtio::block::{BlockError, RawFile};
+use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::console::ConsoleError;
 use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
 use crate::devices::virtio::{VirtioBlock, VirtioConsole};
@@ -67,6 +68,8 @@ pub enum VmmError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Block(#[from] BlockError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]

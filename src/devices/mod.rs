@@ -1,6 +1,7 @@
 //! Devices: the bus they sit on, the manager that wires them in, and the device models.
 
 pub mod bus;
+pub mod disk;
 pub mod host_input;
 pub mod legacy;
 pub mod manager;

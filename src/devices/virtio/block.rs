@@ -6,10 +6,7 @@
 //! VIRTIO_BLK_S_IOERR (or UNSUPP for unknown types); the device and the VMM carry on.
 //! Writes go to the file as they arrive; a FLUSH completes only after fdatasync returned.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::io;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, warn};
@@ -24,6 +21,8 @@ use super::device::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::DISK_SERIAL_MAX;
+pub use crate::devices::disk::BlockBackend;
+use crate::devices::disk::SECTOR_SIZE;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Virtio device id of a block device.
@@ -31,135 +30,16 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 /// Requests in flight the queue can hold.
 pub const QUEUE_SIZE: u16 = 256;
 const SECTOR_SHIFT: u64 = 9;
-const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 /// `struct virtio_blk_outhdr`: type, ioprio, sector.
 const REQUEST_HEADER_LEN: u32 = 16;
 /// Bytes of configuration space we fill (up to and including `blk_size`).
 const CONFIG_LEN: usize = 24;
 
-/// Errors opening a disk image.
+/// Errors creating a virtio-blk device.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    #[error("Failed to open the disk image {path}{ro}", ro = if *readonly { " read-only" } else { " for reading and writing" })]
-    Open {
-        path: PathBuf,
-        readonly: bool,
-        #[source]
-        source: io::Error,
-    },
-    #[error("Failed to find the size of the disk image {path}")]
-    Size {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("The disk image {path} is {size} bytes, not a multiple of 512")]
-    Unaligned { path: PathBuf, size: u64 },
     #[error("Failed to create an eventfd for a virtio-blk device")]
     EventFd(#[source] io::Error),
-}
-
-/// Where a block device's data lives.
-pub trait BlockBackend: Send {
-    /// Size in bytes.
-    fn size(&self) -> u64;
-    /// Reads `len` bytes at `offset` into guest memory at `addr`.
-    fn read_to(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        offset: u64,
-        len: usize,
-    ) -> io::Result<()>;
-    /// Writes `len` bytes from guest memory at `addr` to `offset`.
-    fn write_from(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        offset: u64,
-        len: usize,
-    ) -> io::Result<()>;
-    /// Makes everything written so far durable.
-    fn flush(&mut self) -> io::Result<()>;
-}
-
-/// A raw image file.
-pub struct RawFile {
-    file: File,
-    size: u64,
-}
-
-impl RawFile {
-    /// Opens `path`, read-only or read-write; the size must be a whole number of sectors.
-    pub fn open(path: &Path, readonly: bool) -> Result<Self, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!readonly)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                path: path.into(),
-                readonly,
-                source,
-            })?;
-        // seek(End) also gives the size of a block device, where metadata().len() is 0.
-        let size = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: path.into(),
-                source,
-            })?;
-        if !size.is_multiple_of(SECTOR_SIZE) {
-            return Err(BlockError::Unaligned {
-                path: path.into(),
-                size,
-            });
-        }
-        Ok(Self { file, size })
-    }
-}
-
-fn guest_io_error(e: vm_memory::GuestMemoryError) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
-impl BlockBackend for RawFile {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_to(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        offset: u64,
-        len: usize,
-    ) -> io::Result<()> {
-        self.file.seek(SeekFrom::Start(offset))?;
-        mem.read_exact_volatile_from(addr, &mut self.file, len)
-            .map_err(guest_io_error)
-    }
-
-    fn write_from(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        offset: u64,
-        len: usize,
-    ) -> io::Result<()> {
-        self.file.seek(SeekFrom::Start(offset))?;
-        mem.write_all_volatile_to(addr, &mut self.file, len)
-            .map_err(guest_io_error)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
-    }
-}
-
-impl AsRawFd for RawFile {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.file.as_raw_fd()
-    }
 }
 
 /// Why a request failed, for the log; the guest only sees the status byte.
@@ -514,6 +394,7 @@ impl MutEventSubscriber for VirtioBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::disk::guest_io_error;
     use crate::devices::virtio::device::test_utils::{guest_memory, DATA_START};
     use crate::devices::virtio::device::VirtioInterrupt;
     use std::sync::{Arc, Mutex};
@@ -540,6 +421,16 @@ mod tests {
     impl BlockBackend for MemDisk {
         fn size(&self) -> u64 {
             self.data.lock().unwrap().len() as u64
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let d = self.data.lock().unwrap();
+            buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            let mut d = self.data.lock().unwrap();
+            d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+            Ok(())
         }
         fn read_to(
             &mut self,
@@ -853,40 +744,5 @@ mod tests {
         // A good request after it still works.
         h.header(VIRTIO_BLK_T_IN, 2);
         assert_eq!(h.run(&chain3(512, F_WRITE)).0, S_OK);
-    }
-
-    #[test]
-    fn raw_file_backend_reads_writes_and_flushes() {
-        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
-        f.as_file().set_len(8192).unwrap();
-        let mut disk = RawFile::open(f.as_path(), false).unwrap();
-        assert_eq!(disk.size(), 8192);
-        let mem = guest_memory();
-        mem.write_slice(&[7u8; 512], GuestAddress(BUF)).unwrap();
-        disk.write_from(&mem, GuestAddress(BUF), 1024, 512).unwrap();
-        disk.flush().unwrap();
-        disk.read_to(&mem, GuestAddress(BUF + 4096), 1024, 512)
-            .unwrap();
-        let mut back = [0u8; 512];
-        mem.read_slice(&mut back, GuestAddress(BUF + 4096)).unwrap();
-        assert_eq!(back, [7u8; 512]);
-        assert!(
-            disk.read_to(&mem, GuestAddress(BUF), 8192, 512).is_err(),
-            "short read past EOF"
-        );
-    }
-
-    #[test]
-    fn raw_file_open_errors() {
-        let err = RawFile::open(Path::new("/nonexistent/disk.img"), false)
-            .err()
-            .unwrap();
-        assert!(err
-            .to_string()
-            .contains("Failed to open the disk image /nonexistent/disk.img"));
-        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
-        f.as_file().set_len(1000).unwrap();
-        let err = RawFile::open(f.as_path(), true).err().unwrap();
-        assert!(matches!(err, BlockError::Unaligned { size: 1000, .. }));
     }
 }
