@@ -19,13 +19,14 @@
 //! logged; the device carries on.
 
 use std::io;
+use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, info, warn};
 use virtio_bindings::virtio_net::*;
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block::read_config_bytes;
@@ -207,6 +208,61 @@ where
             Ok((d.addr(), d.len()))
         })
         .collect()
+}
+
+/// Completes the buffers of one frame, making them visible to the driver together: a driver
+/// polling the used ring (Linux NAPI) that saw the first buffer of a frame before the others
+/// would count those as missing and drop the frame (5.1.6.4.2, `num_buffers`). virtio-queue
+/// publishes the used index on every `add_used`, so all but the last entry are written here
+/// first, and the last `add_used` publishes them all (its index store has Release ordering).
+fn add_used_together(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    entries: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    let Some((&(last_head, last_len), rest)) = entries.split_last() else {
+        return Ok(());
+    };
+    let size = queue.size();
+    if entries.iter().any(|&(head, _)| head >= size) {
+        return Err(virtio_queue::Error::InvalidDescriptorIndex);
+    }
+    let next = queue.next_used();
+    for (i, &(head, len)) in rest.iter().enumerate() {
+        // struct virtq_used_elem { le32 id; le32 len; } after the 4-byte flags and idx
+        // (virtio 1.x, 2.7.8).
+        let slot = u64::from(next.wrapping_add(i as u16) % size);
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        let addr = GuestAddress(queue.used_ring())
+            .checked_add(4 + 8 * slot)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        mem.write_slice(&elem, addr)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    queue.set_next_used(next.wrapping_add(rest.len() as u16));
+    queue.add_used(mem, last_head, last_len)
+}
+
+/// Whether the driver wants an interrupt for the receive entries added since the used index
+/// was `before`. virtio-queue's own check counts one entry per `add_used`, which undercounts
+/// frames completed by `add_used_together`; with VIRTIO_RING_F_EVENT_IDX the test is the
+/// driver's `used_event` against the whole range (virtio 1.x, 2.7.10).
+fn rx_needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap, before: u16) -> bool {
+    // Also resets virtio-queue's count, and fences the used ring writes before the read.
+    let lib = queue.needs_notification(mem).unwrap_or(true);
+    if !queue.event_idx_enabled() {
+        return lib;
+    }
+    let used_event_addr =
+        GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(queue.size()));
+    let used_event = match used_event_addr.map(|a| mem.read_obj::<u16>(a)) {
+        Some(Ok(v)) => Wrapping(u16::from_le(v)),
+        _ => return true,
+    };
+    let new = Wrapping(queue.next_used());
+    new - used_event - Wrapping(1) < new - Wrapping(before)
 }
 
 /// How handing one frame to the guest went.
@@ -398,6 +454,7 @@ impl VirtioNet {
             warn!("{}: cannot disable receive notifications: {e}", self.name);
         }
         let mut completed = 0u32;
+        let used_before = state.queues[RX].next_used();
         let mut want_backend = true;
         for _ in 0..RX_BUDGET {
             let len = match self.rx_len {
@@ -445,8 +502,8 @@ impl VirtioNet {
                 }
             }
         }
-        if completed > 0 {
-            state.notify_if_needed(RX);
+        if completed > 0 && rx_needs_interrupt(&mut state.queues[RX], &state.mem, used_before) {
+            state.interrupt.signal_used_queue();
         }
         self.state = Some(state);
         want_backend
@@ -533,6 +590,7 @@ impl VirtioNet {
         self.rx_frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN]
             .copy_from_slice(&(count as u16).to_le_bytes());
         let mut off = 0;
+        let mut used = Vec::with_capacity(count);
         for buf in self.rx_held.drain(..count) {
             let start = off;
             for &(addr, part_len) in &buf.parts {
@@ -546,15 +604,15 @@ impl VirtioNet {
                 }
                 off += n;
             }
-            let used = (off - start) as u32;
-            if let Err(e) = state.queues[RX].add_used(&state.mem, buf.head, used) {
-                error!(
-                    "{}: cannot complete receive chain {}: {e}",
-                    self.name, buf.head
-                );
-            }
-            *completed += 1;
+            used.push((buf.head, (off - start) as u32));
         }
+        if let Err(e) = add_used_together(&mut state.queues[RX], &state.mem, &used) {
+            error!(
+                "{}: cannot complete receive buffers {used:?}: {e}",
+                self.name
+            );
+        }
+        *completed += count as u32;
         Delivery::Delivered
     }
 
@@ -702,8 +760,6 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::Queue;
-    use vm_memory::Address;
 
     const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
     const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
@@ -1007,6 +1063,46 @@ mod tests {
         got.extend(h.read(DATA_START + 0x2000, f.len() - 8192));
         assert_eq!(got[NUM_BUFFERS_OFFSET..VNET_HDR_LEN], [3, 0], "num_buffers");
         assert_eq!(got[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
+    }
+
+    #[test]
+    fn interrupt_follows_used_event_across_a_multi_buffer_frame() {
+        for (used_event, want_irq) in [(0u16, true), (1, true), (2, true), (3, false)] {
+            let mem = guest_memory();
+            let mut h = harness(&mem);
+            for i in 0..3 {
+                h.add_rx(&[(DATA_START + i * 0x1000, 4096)], F_WRITE);
+            }
+            // The driver asks for an interrupt once entry `used_event` is used (2.7.10).
+            let addr = h
+                .rxq
+                .avail_addr()
+                .unchecked_add(4 + 2 * u64::from(QUEUE_SIZE));
+            mem.write_obj(used_event, addr).unwrap();
+            h.activate(VIRTIO_RING_F_EVENT_IDX | MRG);
+            h.host.send(&frame(9000, 1)).unwrap();
+            assert!(h.dev.process_rx());
+            assert_eq!(h.used_idx(RX), 3);
+            assert_eq!(h.irq.read().is_ok(), want_irq, "used_event {used_event}");
+        }
+    }
+
+    #[test]
+    fn buffers_of_a_frame_are_completed_in_order_across_the_ring_end() {
+        let mem = guest_memory();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 4);
+        let mut q: Queue = vq.create_queue().unwrap();
+        q.set_next_used(2);
+        add_used_together(&mut q, &mem, &[(3, 100), (0, 200), (1, 50)]).unwrap();
+        assert_eq!(vq.used().idx().load(), 5);
+        let elem = |i: usize| {
+            let e = vq.used().ring().ref_at(i).unwrap().load();
+            (e.id(), e.len())
+        };
+        assert_eq!([elem(2), elem(3), elem(0)], [(3, 100), (0, 200), (1, 50)]);
+        // A bad head (never one popped from the queue) changes nothing.
+        assert!(add_used_together(&mut q, &mem, &[(0, 1), (4, 1)]).is_err());
+        assert_eq!((q.next_used(), vq.used().idx().load()), (5, 5));
     }
 
     #[test]
