@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod disk;
+pub mod emulated;
 pub mod host_input;
 pub mod legacy;
 pub mod manager;

@@ -1,0 +1,1089 @@
+//! An IDE/ATA channel with up to two hard disks, transferring data by programmed I/O, as the
+//! stock `ata_piix` driver drives a PIIX IDE function in legacy (compatibility) mode.
+//!
+//! The model follows ATA/ATAPI-7 volume 1 and 2 (the task file registers, the PIO data-in and
+//! data-out protocols, LBA28 and LBA48 addressing with the HOB register pairs, soft reset and
+//! the device signature). It is a pure state machine: the command block (8 ports at
+//! 0x1f0/0x170) and the control block (0x3f6/0x376) call `read`/`write`, data goes through a
+//! sector buffer, the interrupt line is a callback. Commands complete synchronously, so BSY is
+//! never seen set. Anything a driver must not do (a sector past the end, data access without
+//! DRQ, an unknown command) gets the ATA error the hardware would give, never a panic.
+
+use std::io;
+
+use log::{debug, warn};
+
+use crate::devices::disk::{BlockBackend, SECTOR_SIZE};
+
+/// Status register bits.
+pub const ST_ERR: u8 = 0x01;
+pub const ST_DRQ: u8 = 0x08;
+pub const ST_DSC: u8 = 0x10;
+pub const ST_DF: u8 = 0x20;
+pub const ST_DRDY: u8 = 0x40;
+pub const ST_BSY: u8 = 0x80;
+/// Error register bits.
+pub const ERR_ABRT: u8 = 0x04;
+pub const ERR_IDNF: u8 = 0x10;
+pub const ERR_UNC: u8 = 0x40;
+/// Device control register bits.
+const CTL_NIEN: u8 = 0x02;
+const CTL_SRST: u8 = 0x04;
+const CTL_HOB: u8 = 0x80;
+/// Device register: LBA mode and the drive select bit.
+const DEV_LBA: u8 = 0x40;
+const DEV_DRV: u8 = 0x10;
+
+// Command block register offsets.
+pub const REG_DATA: u64 = 0;
+pub const REG_ERROR_FEATURE: u64 = 1;
+pub const REG_NSECT: u64 = 2;
+pub const REG_LBAL: u64 = 3;
+pub const REG_LBAM: u64 = 4;
+pub const REG_LBAH: u64 = 5;
+pub const REG_DEVICE: u64 = 6;
+pub const REG_STATUS_COMMAND: u64 = 7;
+
+// ATA commands served.
+const CMD_DEVICE_RESET: u8 = 0x08;
+const CMD_READ_SECTORS: u8 = 0x20;
+const CMD_READ_SECTORS_NORETRY: u8 = 0x21;
+const CMD_READ_SECTORS_EXT: u8 = 0x24;
+const CMD_READ_NATIVE_MAX_EXT: u8 = 0x27;
+const CMD_READ_MULTIPLE_EXT: u8 = 0x29;
+const CMD_WRITE_SECTORS: u8 = 0x30;
+const CMD_WRITE_SECTORS_NORETRY: u8 = 0x31;
+const CMD_WRITE_SECTORS_EXT: u8 = 0x34;
+const CMD_WRITE_MULTIPLE_EXT: u8 = 0x39;
+const CMD_READ_VERIFY: u8 = 0x40;
+const CMD_READ_VERIFY_EXT: u8 = 0x42;
+const CMD_EXECUTE_DIAGNOSTIC: u8 = 0x90;
+const CMD_INIT_DEV_PARAMS: u8 = 0x91;
+const CMD_PACKET: u8 = 0xa0;
+const CMD_IDENTIFY_PACKET: u8 = 0xa1;
+const CMD_READ_MULTIPLE: u8 = 0xc4;
+const CMD_WRITE_MULTIPLE: u8 = 0xc5;
+const CMD_SET_MULTIPLE: u8 = 0xc6;
+const CMD_STANDBY_IMMEDIATE: u8 = 0xe0;
+const CMD_IDLE_IMMEDIATE: u8 = 0xe1;
+const CMD_CHECK_POWER_MODE: u8 = 0xe5;
+const CMD_FLUSH_CACHE: u8 = 0xe7;
+const CMD_IDENTIFY: u8 = 0xec;
+const CMD_FLUSH_CACHE_EXT: u8 = 0xea;
+const CMD_SET_FEATURES: u8 = 0xef;
+const CMD_READ_NATIVE_MAX: u8 = 0xf8;
+
+/// Largest READ/WRITE MULTIPLE block we accept (IDENTIFY word 47).
+const MAX_MULTIPLE: u16 = 16;
+/// LBA28 can address this many sectors.
+const LBA28_MAX: u64 = 0x0fff_ffff;
+const LBA48_MAX: u64 = (1 << 48) - 1;
+
+/// Raises the channel's interrupt (IRQ 14 or 15); the VMM wires it to an irqfd.
+pub trait IrqLine: Send {
+    fn raise(&self);
+}
+
+/// One disk on the channel.
+pub struct AtaDisk {
+    backend: Box<dyn BlockBackend>,
+    readonly: bool,
+    serial: String,
+    sectors: u64,
+    multiple: u16,
+}
+
+impl AtaDisk {
+    pub fn new(backend: Box<dyn BlockBackend>, readonly: bool, serial: &str) -> Self {
+        let sectors = backend.size() / SECTOR_SIZE;
+        Self {
+            backend,
+            readonly,
+            serial: serial.to_string(),
+            sectors,
+            multiple: MAX_MULTIPLE,
+        }
+    }
+
+    /// The 256-word IDENTIFY DEVICE block (ATA-7 table 16).
+    fn identify(&self) -> [u16; 256] {
+        let mut id = [0u16; 256];
+        let lba28 = self.sectors.min(LBA28_MAX);
+        // Legacy geometry for the capacity, capped like every drive larger than 8 GB.
+        let cyls = (self.sectors / (16 * 63)).clamp(1, 16383) as u16;
+        id[0] = 0x0040; // fixed disk, ATA device
+        id[1] = cyls;
+        id[3] = 16;
+        id[6] = 63;
+        put_string(&mut id[10..20], &self.serial);
+        put_string(&mut id[23..27], env!("CARGO_PKG_VERSION"));
+        put_string(&mut id[27..47], "FERROVM HARDDISK");
+        id[47] = 0x8000 | MAX_MULTIPLE;
+        id[49] = 1 << 9; // LBA supported; no DMA: PIO is the point of this model
+        id[50] = 0x4000;
+        id[53] = 0x0003; // words 54-58 and 64-70 valid
+        id[54] = cyls;
+        id[55] = 16;
+        id[56] = 63;
+        let chs = u32::from(cyls) * 16 * 63;
+        id[57] = chs as u16;
+        id[58] = (chs >> 16) as u16;
+        id[59] = 0x0100 | self.multiple;
+        id[60] = lba28 as u16;
+        id[61] = (lba28 >> 16) as u16;
+        id[64] = 0x0003; // PIO modes 3 and 4
+        id[65] = 120;
+        id[66] = 120;
+        id[67] = 120;
+        id[68] = 120;
+        id[80] = 0x00f0; // ATA/ATAPI-4 to -7
+        id[82] = 1 << 5 | 1 << 14; // write cache, NOP
+        id[83] = 1 << 14 | 1 << 13 | 1 << 12 | 1 << 10; // FLUSH CACHE (EXT), LBA48
+        id[84] = 1 << 14;
+        id[85] = 1 << 5 | 1 << 14; // write cache enabled: the driver sends flushes
+        id[86] = 1 << 13 | 1 << 12 | 1 << 10;
+        id[87] = 1 << 14;
+        for (i, w) in id[100..104].iter_mut().enumerate() {
+            *w = (self.sectors.min(LBA48_MAX) >> (16 * i)) as u16;
+        }
+        id
+    }
+}
+
+/// ATA strings are space padded, with the two bytes of each word swapped.
+fn put_string(words: &mut [u16], s: &str) {
+    let mut bytes = vec![b' '; words.len() * 2];
+    for (i, b) in s
+        .bytes()
+        .filter(|b| b.is_ascii_graphic() || *b == b' ')
+        .take(bytes.len())
+        .enumerate()
+    {
+        bytes[i] = b;
+    }
+    for (w, pair) in words.iter_mut().zip(bytes.chunks(2)) {
+        *w = u16::from(pair[0]) << 8 | u16::from(pair[1]);
+    }
+}
+
+/// What a PIO transfer in progress is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    None,
+    /// Data-in (to the host); `lba` is the next sector to load, `left` the sectors still to
+    /// go after the buffer, `block` the sectors per interrupt.
+    ReadSectors {
+        lba: u64,
+        left: u64,
+        block: u64,
+    },
+    /// IDENTIFY data: one buffer, then done.
+    Identify,
+    /// Data-out (from the host): the buffer holds `block` sectors for `lba`.
+    WriteSectors {
+        lba: u64,
+        left: u64,
+        block: u64,
+    },
+}
+
+/// Statistics a channel keeps for the VMM's accounting.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IdeCounters {
+    pub sectors_read: u64,
+    pub sectors_written: u64,
+    pub interrupts: u64,
+    pub flushes: u64,
+}
+
+/// An IDE channel: the task file shared by both drive positions, and the drives.
+pub struct IdeChannel {
+    drives: [Option<AtaDisk>; 2],
+    irq: Box<dyn IrqLine>,
+    // Task file. Each of these is a two-deep FIFO for LBA48: `*_hob` holds the previous write.
+    feature: u8,
+    nsect: u8,
+    lbal: u8,
+    lbam: u8,
+    lbah: u8,
+    hob_feature: u8,
+    hob_nsect: u8,
+    hob_lbal: u8,
+    hob_lbam: u8,
+    hob_lbah: u8,
+    device: u8,
+    status: u8,
+    error: u8,
+    control: u8,
+    transfer: Transfer,
+    buffer: Vec<u8>,
+    pos: usize,
+    pub counters: IdeCounters,
+}
+
+impl IdeChannel {
+    /// A channel with a master and an optional slave disk.
+    pub fn new(master: Option<AtaDisk>, slave: Option<AtaDisk>, irq: Box<dyn IrqLine>) -> Self {
+        let mut ch = Self {
+            drives: [master, slave],
+            irq,
+            feature: 0,
+            nsect: 0,
+            lbal: 0,
+            lbam: 0,
+            lbah: 0,
+            hob_feature: 0,
+            hob_nsect: 0,
+            hob_lbal: 0,
+            hob_lbam: 0,
+            hob_lbah: 0,
+            device: 0,
+            status: 0,
+            error: 0,
+            control: 0,
+            transfer: Transfer::None,
+            buffer: Vec::new(),
+            pos: 0,
+            counters: IdeCounters::default(),
+        };
+        ch.reset_signature();
+        ch
+    }
+
+    fn selected(&self) -> usize {
+        usize::from(self.device & DEV_DRV != 0)
+    }
+
+    fn drive(&mut self) -> Option<&mut AtaDisk> {
+        let i = self.selected();
+        self.drives[i].as_mut()
+    }
+
+    fn no_drives(&self) -> bool {
+        self.drives.iter().all(Option::is_none)
+    }
+
+    /// The state after power-on or a reset: the ATA signature in the task file, diagnostic
+    /// code 1 (no error), the drive ready (ATA-7 9.12 and 9.2).
+    fn reset_signature(&mut self) {
+        self.nsect = 1;
+        self.lbal = 1;
+        self.lbam = 0;
+        self.lbah = 0;
+        self.device = 0;
+        self.error = 1;
+        self.status = ST_DRDY | ST_DSC;
+        self.transfer = Transfer::None;
+        self.buffer.clear();
+        self.pos = 0;
+    }
+
+    fn interrupt(&mut self) {
+        if self.control & CTL_NIEN == 0 {
+            self.counters.interrupts += 1;
+            self.irq.raise();
+        }
+    }
+
+    fn abort(&mut self, error: u8) {
+        self.error = error;
+        self.status = ST_DRDY | ST_ERR;
+        self.transfer = Transfer::None;
+        self.buffer.clear();
+        self.pos = 0;
+        self.interrupt();
+    }
+
+    fn complete(&mut self) {
+        self.error = 0;
+        self.status = ST_DRDY | ST_DSC;
+        self.transfer = Transfer::None;
+        self.interrupt();
+    }
+
+    fn lba28(&self) -> u64 {
+        u64::from(self.device & 0x0f) << 24
+            | u64::from(self.lbah) << 16
+            | u64::from(self.lbam) << 8
+            | u64::from(self.lbal)
+    }
+
+    fn lba48(&self) -> u64 {
+        u64::from(self.hob_lbah) << 40
+            | u64::from(self.hob_lbam) << 32
+            | u64::from(self.hob_lbal) << 24
+            | u64::from(self.lbah) << 16
+            | u64::from(self.lbam) << 8
+            | u64::from(self.lbal)
+    }
+
+    /// Sector count of a command: 0 means 256 (LBA28) or 65536 (LBA48).
+    fn count(&self, ext: bool) -> u64 {
+        if ext {
+            match u64::from(self.hob_nsect) << 8 | u64::from(self.nsect) {
+                0 => 65536,
+                n => n,
+            }
+        } else {
+            match self.nsect {
+                0 => 256,
+                n => u64::from(n),
+            }
+        }
+    }
+
+    /// Sets the task file to the address of the last sector touched, as a device does after
+    /// an error so the driver can report it.
+    fn set_lba(&mut self, lba: u64, ext: bool) {
+        self.lbal = lba as u8;
+        self.lbam = (lba >> 8) as u8;
+        self.lbah = (lba >> 16) as u8;
+        if ext {
+            self.hob_lbal = (lba >> 24) as u8;
+            self.hob_lbam = (lba >> 32) as u8;
+            self.hob_lbah = (lba >> 40) as u8;
+        } else {
+            self.device = (self.device & 0xf0) | ((lba >> 24) as u8 & 0x0f);
+        }
+    }
+
+    /// Loads the next block of a read into the buffer and asks the host to take it.
+    fn load_read_block(&mut self) {
+        let Transfer::ReadSectors { lba, left, block } = self.transfer else {
+            return;
+        };
+        let n = block.min(left);
+        self.buffer.resize((n * SECTOR_SIZE) as usize, 0);
+        let i = self.selected();
+        let result = match self.drives[i].as_mut() {
+            Some(d) => d.backend.read_at(lba * SECTOR_SIZE, &mut self.buffer),
+            None => Err(io::Error::other("no drive")),
+        };
+        match result {
+            Ok(()) => {
+                self.counters.sectors_read += n;
+                self.pos = 0;
+                self.transfer = Transfer::ReadSectors {
+                    lba: lba + n,
+                    left: left - n,
+                    block,
+                };
+                self.status = ST_DRDY | ST_DSC | ST_DRQ;
+                self.interrupt();
+            }
+            Err(e) => {
+                warn!("ide: read of sectors {lba}+{n} failed: {e}");
+                self.set_lba(lba, true);
+                self.abort(ERR_UNC);
+            }
+        }
+    }
+
+    /// Prepares the buffer for the next block of a write.
+    fn expect_write_block(&mut self, raise: bool) {
+        let Transfer::WriteSectors { left, block, .. } = self.transfer else {
+            return;
+        };
+        self.buffer.clear();
+        self.buffer
+            .resize((block.min(left) * SECTOR_SIZE) as usize, 0);
+        self.pos = 0;
+        self.status = ST_DRDY | ST_DSC | ST_DRQ;
+        if raise {
+            self.interrupt();
+        }
+    }
+
+    /// The host filled the buffer: write it out and go on or finish.
+    fn commit_write_block(&mut self) {
+        let Transfer::WriteSectors { lba, left, block } = self.transfer else {
+            return;
+        };
+        let n = block.min(left);
+        let buf = std::mem::take(&mut self.buffer);
+        let result = match self.drive() {
+            Some(d) => d.backend.write_at(lba * SECTOR_SIZE, &buf),
+            None => Err(io::Error::other("no drive")),
+        };
+        self.buffer = buf;
+        match result {
+            Ok(()) => {
+                self.counters.sectors_written += n;
+                if left == n {
+                    self.complete();
+                } else {
+                    self.transfer = Transfer::WriteSectors {
+                        lba: lba + n,
+                        left: left - n,
+                        block,
+                    };
+                    self.expect_write_block(true);
+                }
+            }
+            Err(e) => {
+                warn!("ide: write of sectors {lba}+{n} failed: {e}");
+                self.set_lba(lba, true);
+                self.abort(ERR_UNC);
+            }
+        }
+    }
+
+    /// Checks a transfer's range; returns the sectors per interrupt, or aborts.
+    fn check_range(&mut self, lba: u64, count: u64, ext: bool) -> bool {
+        let sectors = self.drive().map_or(0, |d| d.sectors);
+        if lba.checked_add(count).is_none_or(|end| end > sectors) {
+            debug!("ide: sectors {lba}+{count} past the end ({sectors} sectors)");
+            self.set_lba(lba.min(sectors), ext);
+            self.abort(ERR_IDNF | ERR_ABRT);
+            return false;
+        }
+        true
+    }
+
+    fn command(&mut self, cmd: u8) {
+        if self.drive().is_none() {
+            // Commands to an absent drive are ignored, as by real hardware (no one answers).
+            return;
+        }
+        if self.status & ST_BSY != 0 || self.transfer != Transfer::None && cmd != CMD_DEVICE_RESET {
+            // A command in the middle of a transfer: the drive aborts it and the transfer.
+            warn!("ide: command {cmd:#04x} while a transfer is in progress; aborted");
+            self.abort(ERR_ABRT);
+            return;
+        }
+        let ext = matches!(
+            cmd,
+            CMD_READ_SECTORS_EXT
+                | CMD_READ_MULTIPLE_EXT
+                | CMD_WRITE_SECTORS_EXT
+                | CMD_WRITE_MULTIPLE_EXT
+                | CMD_READ_VERIFY_EXT
+        );
+        let lba = if ext { self.lba48() } else { self.lba28() };
+        let multiple = u64::from(self.drive().map_or(1, |d| d.multiple));
+        match cmd {
+            CMD_IDENTIFY => {
+                let id = self.drive().map(|d| d.identify()).unwrap();
+                self.buffer = id.iter().flat_map(|w| w.to_le_bytes()).collect();
+                self.pos = 0;
+                self.transfer = Transfer::Identify;
+                self.error = 0;
+                self.status = ST_DRDY | ST_DSC | ST_DRQ;
+                self.interrupt();
+            }
+            CMD_READ_SECTORS
+            | CMD_READ_SECTORS_NORETRY
+            | CMD_READ_SECTORS_EXT
+            | CMD_READ_MULTIPLE
+            | CMD_READ_MULTIPLE_EXT => {
+                if self.device & DEV_LBA == 0 && !ext {
+                    // CHS addressing is not offered (IDENTIFY says LBA); refuse it.
+                    self.abort(ERR_ABRT);
+                    return;
+                }
+                let count = self.count(ext);
+                if !self.check_range(lba, count, ext) {
+                    return;
+                }
+                let block = if matches!(cmd, CMD_READ_MULTIPLE | CMD_READ_MULTIPLE_EXT) {
+                    multiple
+                } else {
+                    1
+                };
+                self.transfer = Transfer::ReadSectors {
+                    lba,
+                    left: count,
+                    block,
+                };
+                self.load_read_block();
+            }
+            CMD_WRITE_SECTORS
+            | CMD_WRITE_SECTORS_NORETRY
+            | CMD_WRITE_SECTORS_EXT
+            | CMD_WRITE_MULTIPLE
+            | CMD_WRITE_MULTIPLE_EXT => {
+                if self.drive().is_some_and(|d| d.readonly) {
+                    // A write-protected medium: ATA reports the command aborted.
+                    self.abort(ERR_ABRT);
+                    return;
+                }
+                if self.device & DEV_LBA == 0 && !ext {
+                    self.abort(ERR_ABRT);
+                    return;
+                }
+                let count = self.count(ext);
+                if !self.check_range(lba, count, ext) {
+                    return;
+                }
+                let block = if matches!(cmd, CMD_WRITE_MULTIPLE | CMD_WRITE_MULTIPLE_EXT) {
+                    multiple
+                } else {
+                    1
+                };
+                self.transfer = Transfer::WriteSectors {
+                    lba,
+                    left: count,
+                    block,
+                };
+                // PIO data-out: DRQ without an interrupt for the first block (ATA-7 11.7).
+                self.expect_write_block(false);
+            }
+            CMD_READ_VERIFY | CMD_READ_VERIFY_EXT => {
+                let count = self.count(ext);
+                if self.check_range(lba, count, ext) {
+                    self.complete();
+                }
+            }
+            CMD_FLUSH_CACHE | CMD_FLUSH_CACHE_EXT => {
+                self.counters.flushes += 1;
+                let result = self.drive().map(|d| d.backend.flush());
+                match result {
+                    Some(Ok(())) => self.complete(),
+                    Some(Err(e)) => {
+                        warn!("ide: flush failed: {e}");
+                        self.abort(ERR_ABRT);
+                    }
+                    None => self.abort(ERR_ABRT),
+                }
+            }
+            CMD_SET_MULTIPLE => {
+                let n = u16::from(self.nsect);
+                if n == 0 || n > MAX_MULTIPLE || !n.is_power_of_two() {
+                    self.abort(ERR_ABRT);
+                } else {
+                    if let Some(d) = self.drive() {
+                        d.multiple = n;
+                    }
+                    self.complete();
+                }
+            }
+            CMD_READ_NATIVE_MAX | CMD_READ_NATIVE_MAX_EXT => {
+                let max = self.drive().map_or(0, |d| d.sectors).saturating_sub(1);
+                self.set_lba(
+                    max.min(if cmd == CMD_READ_NATIVE_MAX {
+                        LBA28_MAX
+                    } else {
+                        LBA48_MAX
+                    }),
+                    cmd == CMD_READ_NATIVE_MAX_EXT,
+                );
+                self.complete();
+            }
+            CMD_SET_FEATURES | CMD_INIT_DEV_PARAMS | CMD_IDLE_IMMEDIATE | CMD_STANDBY_IMMEDIATE => {
+                self.complete()
+            }
+            CMD_CHECK_POWER_MODE => {
+                self.complete();
+                self.nsect = 0xff; // active or idle
+            }
+            CMD_EXECUTE_DIAGNOSTIC => {
+                self.reset_signature();
+                self.interrupt();
+            }
+            // ATAPI commands on an ATA device abort, which is how drivers tell the two apart.
+            CMD_PACKET | CMD_IDENTIFY_PACKET | CMD_DEVICE_RESET => self.abort(ERR_ABRT),
+            other => {
+                debug!("ide: unsupported command {other:#04x}");
+                self.abort(ERR_ABRT);
+            }
+        }
+    }
+
+    /// Reads a command block register (`offset` 0-7) of `data.len()` bytes (the data register
+    /// may be read 16 or 32 bits wide).
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset == REG_DATA {
+            self.read_data(data);
+            return;
+        }
+        let hob = self.control & CTL_HOB != 0;
+        let value = if self.no_drives() {
+            0xff
+        } else {
+            match offset {
+                REG_ERROR_FEATURE => self.error,
+                REG_NSECT => {
+                    if hob {
+                        self.hob_nsect
+                    } else {
+                        self.nsect
+                    }
+                }
+                REG_LBAL => {
+                    if hob {
+                        self.hob_lbal
+                    } else {
+                        self.lbal
+                    }
+                }
+                REG_LBAM => {
+                    if hob {
+                        self.hob_lbam
+                    } else {
+                        self.lbam
+                    }
+                }
+                REG_LBAH => {
+                    if hob {
+                        self.hob_lbah
+                    } else {
+                        self.lbah
+                    }
+                }
+                REG_DEVICE => self.device | 0xa0,
+                REG_STATUS_COMMAND => self.read_status(),
+                _ => 0xff,
+            }
+        };
+        data.fill(0);
+        data[0] = value;
+    }
+
+    fn read_status(&self) -> u8 {
+        // A selected position with no drive reads as 0 (nothing drives the bus bits).
+        if self.drives[self.selected()].is_none() {
+            0
+        } else {
+            self.status
+        }
+    }
+
+    /// The alternate status register (control block, read): status without side effects.
+    pub fn read_alt_status(&self) -> u8 {
+        if self.no_drives() {
+            0xff
+        } else {
+            self.read_status()
+        }
+    }
+
+    fn read_data(&mut self, data: &mut [u8]) {
+        let reading = matches!(
+            self.transfer,
+            Transfer::ReadSectors { .. } | Transfer::Identify
+        );
+        if !reading || self.status & ST_DRQ == 0 {
+            // No data-in in progress: the bus floats.
+            data.fill(0xff);
+            return;
+        }
+        let n = data.len().min(self.buffer.len() - self.pos);
+        data[..n].copy_from_slice(&self.buffer[self.pos..self.pos + n]);
+        data[n..].fill(0xff);
+        self.pos += n;
+        if self.pos == self.buffer.len() {
+            match self.transfer {
+                Transfer::ReadSectors { left: 0, .. } | Transfer::Identify => {
+                    self.status = ST_DRDY | ST_DSC;
+                    self.transfer = Transfer::None;
+                }
+                _ => self.load_read_block(),
+            }
+        }
+    }
+
+    fn write_data(&mut self, data: &[u8]) {
+        if !matches!(self.transfer, Transfer::WriteSectors { .. }) || self.status & ST_DRQ == 0 {
+            debug!("ide: data written with no data-out transfer; ignored");
+            return;
+        }
+        let n = data.len().min(self.buffer.len() - self.pos);
+        self.buffer[self.pos..self.pos + n].copy_from_slice(&data[..n]);
+        self.pos += n;
+        if self.pos == self.buffer.len() {
+            self.commit_write_block();
+        }
+    }
+
+    /// Writes a command block register.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset == REG_DATA {
+            self.write_data(data);
+            return;
+        }
+        let v = data[0];
+        // Writing any task file register clears HOB (ATA-7 6.23).
+        self.control &= !CTL_HOB;
+        match offset {
+            REG_ERROR_FEATURE => {
+                self.hob_feature = self.feature;
+                self.feature = v;
+            }
+            REG_NSECT => {
+                self.hob_nsect = self.nsect;
+                self.nsect = v;
+            }
+            REG_LBAL => {
+                self.hob_lbal = self.lbal;
+                self.lbal = v;
+            }
+            REG_LBAM => {
+                self.hob_lbam = self.lbam;
+                self.lbam = v;
+            }
+            REG_LBAH => {
+                self.hob_lbah = self.lbah;
+                self.lbah = v;
+            }
+            REG_DEVICE => self.device = v & !0xa0,
+            REG_STATUS_COMMAND => self.command(v),
+            _ => {}
+        }
+    }
+
+    /// Writes the device control register (control block).
+    pub fn write_control(&mut self, v: u8) {
+        let was_reset = self.control & CTL_SRST != 0;
+        self.control = v;
+        if v & CTL_SRST != 0 {
+            self.status = ST_BSY;
+            self.transfer = Transfer::None;
+        } else if was_reset {
+            // End of a soft reset: both drives show their signature.
+            self.reset_signature();
+            for d in self.drives.iter_mut().flatten() {
+                d.multiple = MAX_MULTIPLE;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    /// An in-memory disk.
+    #[derive(Clone)]
+    pub struct MemDisk {
+        pub data: Arc<Mutex<Vec<u8>>>,
+        pub flushes: Arc<AtomicU32>,
+    }
+
+    impl MemDisk {
+        pub fn new(sectors: u64) -> Self {
+            let data = (0..sectors * 512)
+                .map(|i| (i / 512) as u8 ^ (i as u8))
+                .collect();
+            Self {
+                data: Arc::new(Mutex::new(data)),
+                flushes: Arc::new(AtomicU32::new(0)),
+            }
+        }
+    }
+
+    impl BlockBackend for MemDisk {
+        fn size(&self) -> u64 {
+            self.data.lock().unwrap().len() as u64
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let d = self.data.lock().unwrap();
+            let o = offset as usize;
+            let src = d
+                .get(o..o + buf.len())
+                .ok_or_else(|| io::Error::other("past EOF"))?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            let mut d = self.data.lock().unwrap();
+            let o = offset as usize;
+            d.get_mut(o..o + buf.len())
+                .ok_or_else(|| io::Error::other("past EOF"))?
+                .copy_from_slice(buf);
+            Ok(())
+        }
+        fn read_to(
+            &mut self,
+            _: &crate::vstate::memory::GuestMemoryMmap,
+            _: vm_memory::GuestAddress,
+            _: u64,
+            _: usize,
+        ) -> io::Result<()> {
+            unimplemented!("IDE moves data through host buffers")
+        }
+        fn write_from(
+            &mut self,
+            _: &crate::vstate::memory::GuestMemoryMmap,
+            _: vm_memory::GuestAddress,
+            _: u64,
+            _: usize,
+        ) -> io::Result<()> {
+            unimplemented!("IDE moves data through host buffers")
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[derive(Clone, Default)]
+    struct CountIrq(Arc<AtomicU32>);
+    impl IrqLine for CountIrq {
+        fn raise(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    const SECTORS: u64 = 256;
+
+    fn channel(readonly: bool) -> (IdeChannel, MemDisk, Arc<AtomicU32>) {
+        let disk = MemDisk::new(SECTORS);
+        let irq = CountIrq::default();
+        let count = irq.0.clone();
+        let ch = IdeChannel::new(
+            Some(AtaDisk::new(Box::new(disk.clone()), readonly, "SER-1")),
+            None,
+            Box::new(irq),
+        );
+        (ch, disk, count)
+    }
+
+    fn rd(ch: &mut IdeChannel, off: u64) -> u8 {
+        let mut b = [0u8];
+        ch.read(off, &mut b);
+        b[0]
+    }
+
+    fn wr(ch: &mut IdeChannel, off: u64, v: u8) {
+        ch.write(off, &[v]);
+    }
+
+    fn read_words(ch: &mut IdeChannel, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let mut w = [0u8; 2];
+            ch.read(REG_DATA, &mut w);
+            out.extend_from_slice(&w);
+        }
+        out
+    }
+
+    fn lba28_cmd(ch: &mut IdeChannel, lba: u32, count: u8, cmd: u8) {
+        wr(ch, REG_NSECT, count);
+        wr(ch, REG_LBAL, lba as u8);
+        wr(ch, REG_LBAM, (lba >> 8) as u8);
+        wr(ch, REG_LBAH, (lba >> 16) as u8);
+        wr(ch, REG_DEVICE, DEV_LBA | ((lba >> 24) as u8 & 0xf));
+        wr(ch, REG_STATUS_COMMAND, cmd);
+    }
+
+    fn lba48_cmd(ch: &mut IdeChannel, lba: u64, count: u16, cmd: u8) {
+        // High bytes first, as libata's ata_sff_tf_load does.
+        wr(ch, REG_NSECT, (count >> 8) as u8);
+        wr(ch, REG_LBAL, (lba >> 24) as u8);
+        wr(ch, REG_LBAM, (lba >> 32) as u8);
+        wr(ch, REG_LBAH, (lba >> 40) as u8);
+        wr(ch, REG_NSECT, count as u8);
+        wr(ch, REG_LBAL, lba as u8);
+        wr(ch, REG_LBAM, (lba >> 8) as u8);
+        wr(ch, REG_LBAH, (lba >> 16) as u8);
+        wr(ch, REG_DEVICE, DEV_LBA);
+        wr(ch, REG_STATUS_COMMAND, cmd);
+    }
+
+    #[test]
+    fn power_on_signature_says_ata_disk() {
+        let (mut ch, _, _) = channel(false);
+        assert_eq!(rd(&mut ch, REG_NSECT), 1);
+        assert_eq!(rd(&mut ch, REG_LBAL), 1);
+        assert_eq!(
+            (rd(&mut ch, REG_LBAM), rd(&mut ch, REG_LBAH)),
+            (0, 0),
+            "ATA, not ATAPI"
+        );
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND), ST_DRDY | ST_DSC);
+    }
+
+    #[test]
+    fn identify_reports_size_model_lba48_and_flush() {
+        let (mut ch, _, irqs) = channel(false);
+        wr(&mut ch, REG_DEVICE, 0);
+        wr(&mut ch, REG_STATUS_COMMAND, CMD_IDENTIFY);
+        assert_eq!(irqs.load(Ordering::SeqCst), 1);
+        assert_ne!(rd(&mut ch, REG_STATUS_COMMAND) & ST_DRQ, 0);
+        let bytes = read_words(&mut ch, 256);
+        let w = |i: usize| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+        assert_eq!(
+            rd(&mut ch, REG_STATUS_COMMAND) & ST_DRQ,
+            0,
+            "all 512 bytes taken"
+        );
+        assert_eq!(u32::from(w(60)) | u32::from(w(61)) << 16, SECTORS as u32);
+        assert_eq!(u64::from(w(100)) | u64::from(w(101)) << 16, SECTORS);
+        assert_ne!(w(83) & (1 << 10), 0, "LBA48");
+        assert_ne!(w(83) & (1 << 12), 0, "FLUSH CACHE");
+        assert_ne!(w(86) & (1 << 13), 0, "FLUSH CACHE EXT enabled");
+        assert_ne!(w(85) & (1 << 5), 0, "write cache enabled");
+        assert_ne!(w(49) & (1 << 9), 0, "LBA");
+        assert_eq!(w(49) & (1 << 8), 0, "no DMA");
+        // Model string, byte-swapped per word.
+        let model: Vec<u8> = (27..47).flat_map(|i| w(i).to_be_bytes()).collect();
+        assert_eq!(
+            std::str::from_utf8(&model).unwrap().trim_end(),
+            "FERROVM HARDDISK"
+        );
+        let serial: Vec<u8> = (10..20).flat_map(|i| w(i).to_be_bytes()).collect();
+        assert_eq!(std::str::from_utf8(&serial).unwrap().trim_end(), "SER-1");
+    }
+
+    #[test]
+    fn read_sectors_lba28_one_interrupt_per_sector() {
+        let (mut ch, disk, irqs) = channel(false);
+        lba28_cmd(&mut ch, 5, 2, CMD_READ_SECTORS);
+        let got = read_words(&mut ch, 512);
+        assert_eq!(&got[..], &disk.data.lock().unwrap()[5 * 512..7 * 512]);
+        assert_eq!(irqs.load(Ordering::SeqCst), 2);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND), ST_DRDY | ST_DSC);
+        assert_eq!(ch.counters.sectors_read, 2);
+    }
+
+    #[test]
+    fn read_multiple_ext_with_32bit_data_access() {
+        let (mut ch, disk, irqs) = channel(false);
+        lba48_cmd(&mut ch, 100, 20, CMD_READ_MULTIPLE_EXT);
+        let mut got = Vec::new();
+        for _ in 0..20 * 128 {
+            let mut d = [0u8; 4];
+            ch.read(REG_DATA, &mut d);
+            got.extend_from_slice(&d);
+        }
+        assert_eq!(&got[..], &disk.data.lock().unwrap()[100 * 512..120 * 512]);
+        assert_eq!(irqs.load(Ordering::SeqCst), 2, "16 sectors then 4");
+    }
+
+    #[test]
+    fn write_sectors_ext_reaches_the_disk_and_flush_syncs() {
+        let (mut ch, disk, irqs) = channel(false);
+        lba48_cmd(&mut ch, 0x10, 2, CMD_WRITE_SECTORS_EXT);
+        assert_eq!(
+            irqs.load(Ordering::SeqCst),
+            0,
+            "no interrupt before the first block"
+        );
+        assert_ne!(rd(&mut ch, REG_STATUS_COMMAND) & ST_DRQ, 0);
+        for i in 0..512u32 {
+            ch.write(REG_DATA, &(i as u16).to_le_bytes());
+        }
+        assert_eq!(irqs.load(Ordering::SeqCst), 2);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND), ST_DRDY | ST_DSC);
+        let d = disk.data.lock().unwrap();
+        assert_eq!(&d[0x10 * 512..0x10 * 512 + 4], &[0, 0, 1, 0]);
+        drop(d);
+        wr(&mut ch, REG_STATUS_COMMAND, CMD_FLUSH_CACHE_EXT);
+        assert_eq!(disk.flushes.load(Ordering::SeqCst), 1);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND) & ST_ERR, 0);
+    }
+
+    #[test]
+    fn past_the_end_is_idnf() {
+        let (mut ch, _, irqs) = channel(false);
+        lba28_cmd(&mut ch, SECTORS as u32 - 1, 2, CMD_READ_SECTORS);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND) & (ST_ERR | ST_DRQ), ST_ERR);
+        assert_ne!(rd(&mut ch, REG_ERROR_FEATURE) & ERR_IDNF, 0);
+        assert_eq!(irqs.load(Ordering::SeqCst), 1);
+        lba48_cmd(&mut ch, LBA48_MAX, 1, CMD_WRITE_SECTORS_EXT);
+        assert_ne!(rd(&mut ch, REG_ERROR_FEATURE) & ERR_IDNF, 0);
+    }
+
+    #[test]
+    fn readonly_disk_aborts_writes() {
+        let (mut ch, disk, _) = channel(true);
+        let before = disk.data.lock().unwrap().clone();
+        lba28_cmd(&mut ch, 0, 1, CMD_WRITE_SECTORS);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND) & ST_ERR, ST_ERR);
+        assert_ne!(rd(&mut ch, REG_ERROR_FEATURE) & ERR_ABRT, 0);
+        for _ in 0..256 {
+            ch.write(REG_DATA, &[0xee, 0xee]);
+        }
+        assert_eq!(*disk.data.lock().unwrap(), before);
+    }
+
+    #[test]
+    fn data_access_in_the_wrong_state_is_harmless() {
+        let (mut ch, disk, _) = channel(false);
+        let before = disk.data.lock().unwrap().clone();
+        let mut d = [0u8; 2];
+        ch.read(REG_DATA, &mut d);
+        assert_eq!(d, [0xff, 0xff]);
+        ch.write(REG_DATA, &[1, 2]);
+        assert_eq!(*disk.data.lock().unwrap(), before);
+        // A command in the middle of a read aborts it.
+        lba28_cmd(&mut ch, 0, 4, CMD_READ_SECTORS);
+        read_words(&mut ch, 10);
+        wr(&mut ch, REG_STATUS_COMMAND, CMD_IDENTIFY);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND) & (ST_ERR | ST_DRQ), ST_ERR);
+    }
+
+    #[test]
+    fn unknown_and_atapi_commands_abort() {
+        for cmd in [0x00u8, CMD_PACKET, CMD_IDENTIFY_PACKET, 0xff] {
+            let (mut ch, _, _) = channel(false);
+            wr(&mut ch, REG_STATUS_COMMAND, cmd);
+            assert_eq!(rd(&mut ch, REG_STATUS_COMMAND) & ST_ERR, ST_ERR, "{cmd:#x}");
+            assert_ne!(rd(&mut ch, REG_ERROR_FEATURE) & ERR_ABRT, 0);
+        }
+    }
+
+    #[test]
+    fn absent_slave_reads_zero_status_and_ignores_commands() {
+        let (mut ch, _, irqs) = channel(false);
+        wr(&mut ch, REG_DEVICE, DEV_DRV);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND), 0);
+        wr(&mut ch, REG_STATUS_COMMAND, CMD_IDENTIFY);
+        assert_eq!(irqs.load(Ordering::SeqCst), 0);
+        let mut ch = IdeChannel::new(None, None, Box::new(CountIrq::default()));
+        assert_eq!(
+            rd(&mut ch, REG_STATUS_COMMAND),
+            0xff,
+            "empty channel floats"
+        );
+    }
+
+    #[test]
+    fn hob_reads_back_the_previous_writes() {
+        let (mut ch, _, _) = channel(false);
+        wr(&mut ch, REG_LBAL, 0x12);
+        wr(&mut ch, REG_LBAL, 0x34);
+        ch.write_control(CTL_HOB);
+        assert_eq!(rd(&mut ch, REG_LBAL), 0x12);
+        ch.write_control(0);
+        assert_eq!(rd(&mut ch, REG_LBAL), 0x34);
+    }
+
+    #[test]
+    fn soft_reset_restores_the_signature_and_nien_masks_interrupts() {
+        let (mut ch, _, irqs) = channel(false);
+        lba28_cmd(&mut ch, 0, 1, CMD_READ_SECTORS);
+        ch.write_control(CTL_SRST);
+        assert_eq!(ch.read_alt_status() & ST_BSY, ST_BSY);
+        ch.write_control(CTL_NIEN);
+        assert_eq!(rd(&mut ch, REG_NSECT), 1);
+        assert_eq!(ch.read_alt_status(), ST_DRDY | ST_DSC);
+        let before = irqs.load(Ordering::SeqCst);
+        lba28_cmd(&mut ch, 0, 1, CMD_READ_SECTORS);
+        assert_eq!(irqs.load(Ordering::SeqCst), before, "nIEN set");
+        assert_ne!(ch.read_alt_status() & ST_DRQ, 0);
+    }
+
+    #[test]
+    fn set_multiple_validates_the_block_size() {
+        let (mut ch, _, _) = channel(false);
+        wr(&mut ch, REG_NSECT, 3);
+        wr(&mut ch, REG_STATUS_COMMAND, CMD_SET_MULTIPLE);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND) & ST_ERR, ST_ERR);
+        wr(&mut ch, REG_NSECT, 8);
+        wr(&mut ch, REG_STATUS_COMMAND, CMD_SET_MULTIPLE);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND) & ST_ERR, 0);
+    }
+
+    #[test]
+    fn chs_addressing_is_refused() {
+        let (mut ch, _, _) = channel(false);
+        wr(&mut ch, REG_NSECT, 1);
+        wr(&mut ch, REG_DEVICE, 0); // LBA bit clear
+        wr(&mut ch, REG_STATUS_COMMAND, CMD_READ_SECTORS);
+        assert_eq!(rd(&mut ch, REG_STATUS_COMMAND) & ST_ERR, ST_ERR);
+    }
+}
