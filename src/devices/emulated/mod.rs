@@ -2,3 +2,4 @@
 //! virtualization): pure register-level state machines, wired in by the device manager.
 
 pub mod ide;
+pub mod pci;
