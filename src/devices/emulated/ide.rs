@@ -13,6 +13,7 @@ use std::io;
 
 use log::{debug, warn};
 
+use super::Signal;
 use crate::devices::disk::{BlockBackend, SECTOR_SIZE};
 
 /// Status register bits.
@@ -78,11 +79,6 @@ const MAX_MULTIPLE: u16 = 16;
 /// LBA28 can address this many sectors.
 const LBA28_MAX: u64 = 0x0fff_ffff;
 const LBA48_MAX: u64 = (1 << 48) - 1;
-
-/// Raises the channel's interrupt (IRQ 14 or 15); the VMM wires it to an irqfd.
-pub trait IrqLine: Send {
-    fn raise(&self);
-}
 
 /// One disk on the channel.
 pub struct AtaDisk {
@@ -199,7 +195,7 @@ pub struct IdeCounters {
 /// An IDE channel: the task file shared by both drive positions, and the drives.
 pub struct IdeChannel {
     drives: [Option<AtaDisk>; 2],
-    irq: Box<dyn IrqLine>,
+    irq: Box<dyn Signal>,
     // Task file. Each of these is a two-deep FIFO for LBA48: `*_hob` holds the previous write.
     feature: u8,
     nsect: u8,
@@ -223,7 +219,7 @@ pub struct IdeChannel {
 
 impl IdeChannel {
     /// A channel with a master and an optional slave disk.
-    pub fn new(master: Option<AtaDisk>, slave: Option<AtaDisk>, irq: Box<dyn IrqLine>) -> Self {
+    pub fn new(master: Option<AtaDisk>, slave: Option<AtaDisk>, irq: Box<dyn Signal>) -> Self {
         let mut ch = Self {
             drives: [master, slave],
             irq,
@@ -281,7 +277,7 @@ impl IdeChannel {
     fn interrupt(&mut self) {
         if self.control & CTL_NIEN == 0 {
             self.counters.interrupts += 1;
-            self.irq.raise();
+            self.irq.signal();
         }
     }
 
@@ -820,8 +816,8 @@ pub(crate) mod tests {
 
     #[derive(Clone, Default)]
     struct CountIrq(Arc<AtomicU32>);
-    impl IrqLine for CountIrq {
-        fn raise(&self) {
+    impl Signal for CountIrq {
+        fn signal(&self) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
