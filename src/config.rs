@@ -47,6 +47,8 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("{1} {0} given; ferrovm supports at most {MAX_DEVICES_PER_KIND}")]
     TooMany(&'static str, usize),
+    #[error("{0} IDE disks given; the two IDE channels take at most {MAX_IDE_DISKS}")]
+    TooManyIde(usize),
     #[error("The TAP device {0} is given to two NICs")]
     DuplicateTap(String),
 }
@@ -92,6 +94,8 @@ impl fmt::Display for SerialBackend {
 
 /// Most disks and NICs one VM can have (each takes a virtio-mmio slot and an IRQ).
 pub const MAX_DEVICES_PER_KIND: usize = 8;
+/// Most IDE disks: master and slave on each of two channels.
+pub const MAX_IDE_DISKS: usize = 4;
 
 /// Which device model serves a device class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,15 +103,36 @@ pub enum DeviceModel {
     /// Paravirtual: virtio over virtio-mmio.
     #[default]
     Virtio,
+    /// Emulated: an ATA disk on a PIIX IDE controller (port I/O).
+    Ide,
+    /// Emulated: an NE2000-compatible PCI NIC (RTL8029, port I/O).
+    Ne2k,
 }
 
-impl FromStr for DeviceModel {
-    type Err = String;
+impl DeviceModel {
+    /// Parses the model of a device of `class`, which accepts `allowed`.
+    fn parse_for(s: &str, class: &str, allowed: &[DeviceModel]) -> Result<Self, String> {
+        let model = match s {
+            "virtio" => Some(Self::Virtio),
+            "ide" => Some(Self::Ide),
+            "ne2k" => Some(Self::Ne2k),
+            _ => None,
+        };
+        let names: Vec<&str> = allowed.iter().map(|m| m.name()).collect();
+        match model {
+            Some(m) if allowed.contains(&m) => Ok(m),
+            _ => Err(format!(
+                "unknown {class} model '{s}': expected {}",
+                names.join(" or ")
+            )),
+        }
+    }
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "virtio" => Ok(Self::Virtio),
-            _ => Err(format!("unknown device model '{s}': expected virtio")),
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Virtio => "virtio",
+            Self::Ide => "ide",
+            Self::Ne2k => "ne2k",
         }
     }
 }
@@ -123,7 +148,7 @@ fn parse_options(s: &str) -> Vec<(&str, Option<&str>)> {
         .collect()
 }
 
-/// A disk image given with `--disk PATH[,readonly][,model=virtio][,serial=ID]`.
+/// A disk image given with `--disk PATH[,readonly][,model=virtio|ide][,serial=ID]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
@@ -150,7 +175,10 @@ impl FromStr for DiskConfig {
         for (key, value) in parse_options(s) {
             match (key, value) {
                 ("readonly" | "ro", None) => cfg.readonly = true,
-                ("model", Some(m)) => cfg.model = m.parse()?,
+                ("model", Some(m)) => {
+                    cfg.model =
+                        DeviceModel::parse_for(m, "disk", &[DeviceModel::Virtio, DeviceModel::Ide])?
+                }
                 ("serial", Some(id)) => {
                     if id.len() > DISK_SERIAL_MAX || !id.is_ascii() {
                         return Err(format!(
@@ -163,7 +191,7 @@ impl FromStr for DiskConfig {
                 (p, None) if path.is_none() => path = Some(p),
                 (k, _) => {
                     return Err(format!(
-                        "unknown disk option '{k}': expected PATH[,readonly][,model=virtio][,serial=ID]"
+                        "unknown disk option '{k}': expected PATH[,readonly][,model=virtio|ide][,serial=ID]"
                     ))
                 }
             }
@@ -228,7 +256,7 @@ pub enum TapConfig {
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
 
-/// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio]`.
+/// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio|ne2k]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: TapConfig,
@@ -259,10 +287,13 @@ impl FromStr for NetConfig {
                     tap = Some(TapConfig::Named(name.to_string()));
                 }
                 ("mac", Some(m)) => mac = Some(m.parse()?),
-                ("model", Some(m)) => model = m.parse()?,
+                ("model", Some(m)) => {
+                    model =
+                        DeviceModel::parse_for(m, "NIC", &[DeviceModel::Virtio, DeviceModel::Ne2k])?
+                }
                 (k, _) => {
                     return Err(format!(
-                        "unknown net option '{k}': expected tap=NAME|auto[,mac=MAC][,model=virtio]"
+                        "unknown net option '{k}': expected tap=NAME|auto[,mac=MAC][,model=virtio|ne2k]"
                     ))
                 }
             }
@@ -288,7 +319,13 @@ impl FromStr for ConsoleConfig {
         for (key, value) in parse_options(s) {
             match (key, value) {
                 ("virtio", None) => model = Some(DeviceModel::Virtio),
-                ("model", Some(m)) => model = Some(m.parse()?),
+                ("model", Some(m)) => {
+                    model = Some(DeviceModel::parse_for(
+                        m,
+                        "console",
+                        &[DeviceModel::Virtio],
+                    )?)
+                }
                 ("stdio", None) => backend = SerialBackend::Stdio,
                 ("none", None) => backend = SerialBackend::None,
                 ("file", Some(p)) if !p.is_empty() => backend = SerialBackend::File(p.into()),
@@ -316,6 +353,10 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,
     pub console: Option<ConsoleConfig>,
+    /// The second UART (COM2, ttyS1), the emulated data channel.
+    pub serial2: Option<SerialBackend>,
+    /// Where the device counters are written as JSON (at exit and on SIGUSR1).
+    pub metrics: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -331,6 +372,8 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             console: None,
+            serial2: None,
+            metrics: None,
         }
     }
 
@@ -364,6 +407,14 @@ impl VmConfig {
         }
         if self.nets.len() > MAX_DEVICES_PER_KIND {
             return Err(ConfigError::TooMany("NICs", self.nets.len()));
+        }
+        let ide = self
+            .disks
+            .iter()
+            .filter(|d| d.model == DeviceModel::Ide)
+            .count();
+        if ide > MAX_IDE_DISKS {
+            return Err(ConfigError::TooManyIde(ide));
         }
         for disk in &self.disks {
             let meta = std::fs::metadata(&disk.path).map_err(|source| ConfigError::OpenFile {
@@ -490,7 +541,13 @@ mod tests {
         assert!("/a,model=scsi"
             .parse::<DiskConfig>()
             .unwrap_err()
-            .contains("unknown device model 'scsi'"));
+            .contains("unknown disk model 'scsi': expected virtio or ide"));
+        let d: DiskConfig = "/a,model=ide".parse().unwrap();
+        assert_eq!(d.model, DeviceModel::Ide);
+        assert!("/a,model=ne2k"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("unknown disk model 'ne2k'"));
         assert!("/a,cache=none"
             .parse::<DiskConfig>()
             .unwrap_err()

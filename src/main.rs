@@ -63,13 +63,15 @@ struct RunArgs {
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     serial: SerialBackend,
 
-    /// A raw disk image, PATH[,readonly][,model=virtio][,serial=ID]; repeatable. Disks
-    /// appear as /dev/vda, /dev/vdb, ... in order (root=/dev/vda boots from the first)
+    /// A raw disk image, PATH[,readonly][,model=virtio|ide][,serial=ID]; repeatable.
+    /// virtio disks appear as /dev/vda, /dev/vdb, ... (root=/dev/vda boots from the first);
+    /// model=ide disks (at most 4, emulated ATA on a PIIX IDE controller) as /dev/sda, ...
     #[arg(long = "disk", value_name = "DISK")]
     disks: Vec<DiskConfig>,
 
-    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio]; repeatable.
-    /// tap=auto creates a TAP named fvmtapN for the VM's lifetime (needs CAP_NET_ADMIN)
+    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio|ne2k]; repeatable.
+    /// model=ne2k is an emulated NE2000 PCI card (RTL8029). tap=auto creates a TAP named
+    /// fvmtapN for the VM's lifetime (needs CAP_NET_ADMIN)
     #[arg(long = "net", value_name = "NIC")]
     nets: Vec<NetConfig>,
 
@@ -77,6 +79,16 @@ struct RunArgs {
     /// takes the terminal's input (the serial port keeps its output)
     #[arg(long, value_name = "CONSOLE")]
     console: Option<ConsoleConfig>,
+
+    /// A second UART at COM2 (0x2f8, IRQ 3; the guest's ttyS1), the emulated counterpart
+    /// of the virtio console: "stdio", "file=PATH" or "none"
+    #[arg(long, value_name = "BACKEND")]
+    serial2: Option<SerialBackend>,
+
+    /// Write every device's counters (VM exits by register, notifications, interrupts,
+    /// bytes moved, handling time) as JSON to PATH when the VMM exits and on SIGUSR1
+    #[arg(long, value_name = "PATH")]
+    metrics: Option<PathBuf>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -91,6 +103,8 @@ impl From<RunArgs> for VmConfig {
             disks: a.disks,
             nets: a.nets,
             console: a.console,
+            serial2: a.serial2,
+            metrics: a.metrics,
         }
     }
 }

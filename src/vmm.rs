@@ -5,7 +5,8 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,12 +16,15 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal};
 
 use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError};
+use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
-use crate::config::{ConfigError, SerialBackend, VmConfig};
+use crate::config::{ConfigError, DeviceModel, SerialBackend, VmConfig};
 use crate::devices::disk::{DiskError, RawFile};
+use crate::devices::emulated::ide::AtaDisk;
 use crate::devices::host_input::stdin_input;
 use crate::devices::legacy::SerialInputHandler;
 use crate::devices::manager::{DeviceError, DeviceManager};
+use crate::devices::metrics::MetricsRegistry;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::console::ConsoleError;
 use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
@@ -37,9 +41,17 @@ use crate::vstate::vm::{KvmVm, VmError};
 const HALT_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Signals that stop the VM cleanly.
 const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// Signals the event loop handles, kept away from the vCPU threads.
+const LOOP_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
 
 /// The termination signal received, 0 if none; set by the signal handler.
 static TERMINATION: AtomicI32 = AtomicI32::new(0);
+/// Set by SIGUSR1: write the metrics report now.
+static METRICS_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_metrics_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    METRICS_REQUESTED.store(true, Ordering::SeqCst);
+}
 
 extern "C" fn on_termination_signal(
     num: libc::c_int,
@@ -77,6 +89,12 @@ pub enum VmmError {
     #[error("Failed to open the serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Failed to write the metrics file {path}")]
+    MetricsFile {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -156,6 +174,8 @@ pub struct Vmm {
     event_manager: DeviceEventManager,
     run_state: Arc<VmRunState>,
     raw_terminal: bool,
+    metrics: MetricsRegistry,
+    metrics_path: Option<PathBuf>,
 }
 
 impl Vmm {
@@ -165,13 +185,17 @@ impl Vmm {
         // Bad kernel or initrd files are reported before KVM is touched.
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
         let (serial_out, serial_wants_stdin) = open_serial_backend(&cfg.serial)?;
+        let serial2 = cfg.serial2.as_ref().map(open_serial_backend).transpose()?;
         let console = match &cfg.console {
             Some(c) => Some(open_serial_backend(&c.backend)?),
             None => None,
         };
-        // Stdin has one reader: the virtio console when it is on stdio, else the UART.
+        // Stdin has one reader: the virtio console when it is on stdio, else ttyS0, else ttyS1.
         let console_takes_stdin = console.as_ref().is_some_and(|(_, stdin)| *stdin);
         let serial_in = serial_wants_stdin && !console_takes_stdin;
+        let serial2_in = serial2.as_ref().is_some_and(|(_, stdin)| *stdin)
+            && !console_takes_stdin
+            && !serial_wants_stdin;
         let disks = cfg
             .disks
             .iter()
@@ -185,12 +209,21 @@ impl Vmm {
 
         let mut event_manager = DeviceEventManager::new().map_err(VmmError::EventLoop)?;
         let mut devices = DeviceManager::new();
-        let serial = devices.attach_serial(&vm, serial_out)?;
+        let serial = devices.attach_serial(&vm, "ttyS0", COM1_PORT, COM1_IRQ, serial_out)?;
         if serial_in {
             let input = stdin_input()
                 .and_then(|stdin| SerialInputHandler::new(serial, stdin))
                 .map_err(VmmError::SerialInput)?;
             event_manager.add_subscriber(Arc::new(Mutex::new(input)));
+        }
+        if let Some((out, _)) = serial2 {
+            let serial2 = devices.attach_serial(&vm, "ttyS1", COM2_PORT, COM2_IRQ, out)?;
+            if serial2_in {
+                let input = stdin_input()
+                    .and_then(|stdin| SerialInputHandler::new(serial2, stdin))
+                    .map_err(VmmError::SerialInput)?;
+                event_manager.add_subscriber(Arc::new(Mutex::new(input)));
+            }
         }
         if let Some((out, wants_stdin)) = console {
             let input = if wants_stdin {
@@ -199,26 +232,53 @@ impl Vmm {
                 None
             };
             let dev = VirtioConsole::new(out, input)?;
-            devices.attach_virtio(&vm, &mem, &mut event_manager, dev, "virtio console (hvc0)")?;
+            devices.attach_virtio(
+                &vm,
+                &mem,
+                &mut event_manager,
+                dev,
+                "hvc0",
+                "virtio console (hvc0)",
+            )?;
         }
         let reset_evt = devices.attach_i8042()?;
-        for (i, (disk, file)) in disks.into_iter().enumerate() {
-            let name = format!("vd{}", char::from(b'a' + i as u8));
+        // Virtio disks are vda, vdb, ... and IDE disks sda, sdb, ... each in flag order.
+        let mut ide_disks = Vec::new();
+        let mut virtio_disks = 0u8;
+        for (disk, file) in disks {
             let id = disk
                 .serial
                 .clone()
                 .unwrap_or_else(|| default_disk_id(&disk.path));
-            let dev = VirtioBlock::new(name.clone(), Box::new(file), disk.readonly, &id)?;
-            let what = format!("disk {name} ({})", disk.path.display());
-            devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &what)?;
+            match disk.model {
+                DeviceModel::Ide => {
+                    ide_disks.push(AtaDisk::new(Box::new(file), disk.readonly, &id));
+                }
+                _ => {
+                    let name = format!("vd{}", char::from(b'a' + virtio_disks));
+                    virtio_disks += 1;
+                    let dev = VirtioBlock::new(name.clone(), Box::new(file), disk.readonly, &id)?;
+                    let what = format!("disk {name} ({})", disk.path.display());
+                    devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &name, &what)?;
+                }
+            }
         }
-        // NIC i is eth{i} in the guest: virtio-mmio devices are probed in command line order.
+        devices.attach_ide(&vm, ide_disks)?;
+        // NIC i is eth{i} in the guest when all NICs share a model: virtio-mmio devices are
+        // probed in command line order, PCI NICs in slot order.
         for (i, (net, tap)) in cfg.nets.iter().zip(taps).enumerate() {
             let name = format!("eth{i}");
             let mac = net.mac.unwrap_or_else(|| default_mac(i));
             let what = format!("NIC {name} (TAP {}, MAC {mac})", tap.name());
-            let dev = VirtioNet::new(name, Box::new(tap), mac)?;
-            devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &what)?;
+            match net.model {
+                DeviceModel::Ne2k => {
+                    devices.attach_ne2k(&vm, &mut event_manager, &name, tap, mac)?;
+                }
+                _ => {
+                    let dev = VirtioNet::new(name.clone(), Box::new(tap), mac)?;
+                    devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &name, &what)?;
+                }
+            }
         }
 
         let cmdline = build_cmdline(&cfg.cmdline, devices.cmdline_extra())?;
@@ -236,7 +296,8 @@ impl Vmm {
             entry.entry.0,
             entry.protocol
         );
-        setup_mptable(&mem, cfg.vcpus)?;
+        let pci_irqs = devices.pci_irqs();
+        setup_mptable(&mem, cfg.vcpus, pci_irqs.as_deref())?;
 
         let cpuid = vm.supported_cpuid()?;
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
@@ -253,7 +314,16 @@ impl Vmm {
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(lifecycle)));
 
-        let (pio, mmio) = devices.into_buses();
+        let (pio, mmio, metrics) = devices.finish()?;
+        // A report that cannot be written is a bad flag: say so before the guest runs.
+        if let Some(path) = &cfg.metrics {
+            metrics
+                .write_to(path)
+                .map_err(|source| VmmError::MetricsFile {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
         Ok(Self {
             vcpus,
             vm,
@@ -262,7 +332,9 @@ impl Vmm {
             mmio,
             event_manager,
             run_state,
-            raw_terminal: serial_wants_stdin || console_takes_stdin,
+            raw_terminal: serial_in || serial2_in || console_takes_stdin,
+            metrics,
+            metrics_path: cfg.metrics.clone(),
         })
     }
 
@@ -273,14 +345,15 @@ impl Vmm {
         for sig in TERMINATION_SIGNALS {
             register_signal_handler(sig, on_termination_signal).map_err(VmmError::Signals)?;
         }
+        register_signal_handler(libc::SIGUSR1, on_metrics_signal).map_err(VmmError::Signals)?;
         let _terminal = if self.raw_terminal {
             RawTerminal::stdin().map_err(VmmError::Terminal)?
         } else {
             None
         };
 
-        // vCPU threads inherit the mask: termination signals go to this thread only.
-        for sig in TERMINATION_SIGNALS {
+        // vCPU threads inherit the mask: these signals go to this thread only.
+        for sig in LOOP_SIGNALS {
             block_signal(sig).map_err(|e| VmmError::SignalMask(e.to_string()))?;
         }
         let mut handles = Vec::with_capacity(self.vcpus.len());
@@ -294,7 +367,7 @@ impl Vmm {
                 }
             }
         }
-        for sig in TERMINATION_SIGNALS {
+        for sig in LOOP_SIGNALS {
             unblock_signal(sig).map_err(|e| VmmError::SignalMask(e.to_string()))?;
         }
 
@@ -309,7 +382,21 @@ impl Vmm {
         for h in handles {
             h.join();
         }
+        // Written after the vCPUs stopped, so the report is final.
+        self.write_metrics();
         result
+    }
+
+    fn write_metrics(&self) {
+        if let Some(path) = &self.metrics_path {
+            if let Err(e) = self.metrics.write_to(path) {
+                error!("Failed to write the metrics to {}: {e}", path.display());
+                eprintln!(
+                    "ferrovm: warning: failed to write the metrics to {}: {e}",
+                    path.display()
+                );
+            }
+        }
     }
 
     fn event_loop(&mut self, vcpus: &[VcpuHandle]) -> Result<ExitReason, VmmError> {
@@ -325,6 +412,9 @@ impl Vmm {
                 Ok(_) => {}
                 Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
                 Err(e) => return Err(VmmError::EventLoop(e)),
+            }
+            if METRICS_REQUESTED.swap(false, Ordering::SeqCst) {
+                self.write_metrics();
             }
             let sig = TERMINATION.swap(0, Ordering::SeqCst);
             if sig != 0 {

@@ -11,12 +11,23 @@ use log::info;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
-    COM1_IRQ, COM1_PORT, DEVICE_IRQS, I8042_PORT, I8042_PORT_LEN, UART_PORT_LEN,
-    VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
+    DEVICE_IRQS, I8042_PORT, I8042_PORT_LEN, IDE_PORT_LEN, IDE_PRIMARY_CTL_PORT, IDE_PRIMARY_IRQ,
+    IDE_PRIMARY_PORT, IDE_SECONDARY_CTL_PORT, IDE_SECONDARY_IRQ, IDE_SECONDARY_PORT,
+    PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_IO_BAR_STRIDE, PCI_IO_WINDOW_LEN,
+    PCI_IO_WINDOW_START, UART_PORT_LEN, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
 };
+use crate::arch::x86_64::mptable::PciIrq;
+use crate::config::{MacAddr, MAX_IDE_DISKS};
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::emulated::ide::{self, AtaDisk, CommandBlock, ControlBlock, IdeChannel};
+use crate::devices::emulated::ne2k::{self, Ne2k};
+use crate::devices::emulated::ne2k_tap::{Ne2kTap, TapSink};
+use crate::devices::emulated::pci::{self, PciBus, PciIoWindow};
+use crate::devices::legacy::serial;
 use crate::devices::legacy::{SerialDevice, I8042};
-use crate::devices::virtio::mmio::{MMIO_LEN, REG_QUEUE_NOTIFY};
+use crate::devices::metrics::{DeviceMetrics, Metered, MetricsRegistry, Space};
+use crate::devices::tap::Tap;
+use crate::devices::virtio::mmio::{self, MMIO_LEN, REG_QUEUE_NOTIFY};
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::DeviceEventManager;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -35,10 +46,25 @@ pub enum DeviceError {
     IoEvent(String, #[source] kvm_ioctls::Error),
     #[error("No interrupt line left for {0}: at most {n} devices get one", n = DEVICE_IRQS.len())]
     OutOfIrqs(String),
+    #[error("Too many IDE disks ({0}): the two IDE channels take at most {MAX_IDE_DISKS}")]
+    TooManyIdeDisks(usize),
+    #[error("No PCI slot or I/O space left for {0}")]
+    OutOfPci(String),
+}
+
+/// PCI slots: 0 host bridge, 1 PIIX3 (ISA bridge and IDE), NICs from 2.
+const PCI_SLOT_PIIX: u8 = 1;
+const PCI_FIRST_FREE_SLOT: u8 = 2;
+
+/// PCI bus 0 while the VM is built.
+struct PciState {
+    bus: Arc<Mutex<PciBus>>,
+    next_slot: u8,
+    next_io: u16,
+    irqs: Vec<PciIrq>,
 }
 
 /// Builds the port I/O and MMIO buses.
-#[derive(Default)]
 pub struct DeviceManager {
     pio_bus: Bus,
     mmio_bus: Bus,
@@ -47,35 +73,211 @@ pub struct DeviceManager {
     irqs_used: usize,
     /// How many virtio-mmio slots are taken.
     mmio_slots_used: u64,
+    metrics: MetricsRegistry,
+    pci: Option<PciState>,
+}
+
+impl Default for DeviceManager {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl DeviceManager {
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            pio_bus: Bus::new(Space::Pio),
+            mmio_bus: Bus::new(Space::Mmio),
+            cmdline_extra: Vec::new(),
+            irqs_used: 0,
+            mmio_slots_used: 0,
+            metrics: MetricsRegistry::new(),
+            pci: None,
+        }
     }
 
-    /// Attaches a 16550A at COM1 (0x3f8, IRQ 4) writing guest output to `out`.
+    /// Attaches a 16550A named `name` (ttyS0, ttyS1) at `port`/`irq` writing guest output to
+    /// `out`.
     pub fn attach_serial(
         &mut self,
         vm: &KvmVm,
+        name: &str,
+        port: u16,
+        irq: u32,
         out: Box<dyn Write + Send>,
     ) -> Result<Arc<Mutex<SerialDevice>>, DeviceError> {
-        const WHAT: &str = "serial port COM1";
+        const WHAT: &str = "serial port";
         let irq_evt =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(WHAT, e))?;
-        vm.register_irqfd(&irq_evt, COM1_IRQ)
-            .map_err(|e| DeviceError::Irq(WHAT.into(), e))?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(|e| DeviceError::Irq(name.into(), e))?;
+        let metrics = self.metrics.add(
+            DeviceMetrics::new(name, "uart", "stream").with_register_names(serial::register_name),
+            u64::from(port),
+        );
         let serial = Arc::new(Mutex::new(
-            SerialDevice::new(irq_evt, out).map_err(|e| DeviceError::EventFd(WHAT, e))?,
+            SerialDevice::new(irq_evt, out, metrics.clone())
+                .map_err(|e| DeviceError::EventFd(WHAT, e))?,
         ));
         self.pio_bus
-            .insert(
+            .insert_metered(
                 serial.clone(),
-                u64::from(COM1_PORT),
+                u64::from(port),
                 u64::from(UART_PORT_LEN),
+                Some(metrics),
             )
             .map_err(|e| DeviceError::Bus(WHAT, e))?;
+        info!("{name}: 16550A at {port:#x}, IRQ {irq}");
         Ok(serial)
+    }
+
+    /// Puts the PCI bus in place (host bridge and PIIX3 ISA bridge) on first use.
+    fn pci(&mut self) -> &mut PciState {
+        self.pci.get_or_insert_with(|| {
+            let mut bus = PciBus::new();
+            bus.add(0, 0, Arc::new(Mutex::new(pci::host_bridge())));
+            bus.add(
+                PCI_SLOT_PIIX,
+                0,
+                Arc::new(Mutex::new(pci::piix3_isa_bridge())),
+            );
+            PciState {
+                bus: Arc::new(Mutex::new(bus)),
+                next_slot: PCI_FIRST_FREE_SLOT,
+                next_io: PCI_IO_WINDOW_START,
+                irqs: Vec::new(),
+            }
+        })
+    }
+
+    /// Attaches emulated ATA disks (`(name, disk)`, at most four) to the PIIX3 IDE function
+    /// in legacy mode: primary master, primary slave, secondary master, secondary slave.
+    pub fn attach_ide(&mut self, vm: &KvmVm, disks: Vec<AtaDisk>) -> Result<(), DeviceError> {
+        if disks.is_empty() {
+            return Ok(());
+        }
+        if disks.len() > MAX_IDE_DISKS {
+            return Err(DeviceError::TooManyIdeDisks(disks.len()));
+        }
+        let secondary_used = disks.len() > 2;
+        let mut disks = disks.into_iter();
+        let channels = [
+            (
+                "ide0",
+                IDE_PRIMARY_PORT,
+                IDE_PRIMARY_CTL_PORT,
+                IDE_PRIMARY_IRQ,
+            ),
+            (
+                "ide1",
+                IDE_SECONDARY_PORT,
+                IDE_SECONDARY_CTL_PORT,
+                IDE_SECONDARY_IRQ,
+            ),
+        ];
+        for (name, port, ctl, irq) in channels {
+            let (Some(master), slave) = (disks.next(), disks.next()) else {
+                break;
+            };
+            let irq_evt = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| DeviceError::EventFd("IDE channel", e))?;
+            vm.register_irqfd(&irq_evt, irq)
+                .map_err(|e| DeviceError::Irq(name.into(), e))?;
+            let metrics = self.metrics.add(
+                DeviceMetrics::new(name, "ide", "block").with_register_names(ide::register_name),
+                u64::from(port),
+            );
+            let channel = Arc::new(Mutex::new(
+                IdeChannel::new(Some(master), slave, Box::new(irq_evt))
+                    .with_metrics(metrics.clone()),
+            ));
+            self.pio_bus
+                .insert_metered(
+                    Arc::new(Mutex::new(CommandBlock(channel.clone()))),
+                    u64::from(port),
+                    u64::from(IDE_PORT_LEN),
+                    Some(metrics.clone()),
+                )
+                .map_err(|e| DeviceError::Bus("IDE command block", e))?;
+            self.pio_bus
+                .insert_metered(
+                    Arc::new(Mutex::new(ControlBlock(channel))),
+                    u64::from(ctl),
+                    1,
+                    Some(metrics),
+                )
+                .map_err(|e| DeviceError::Bus("IDE control block", e))?;
+            info!("{name}: IDE channel at {port:#x}/{ctl:#x}, IRQ {irq}");
+        }
+        let ide = pci::piix3_ide(true, secondary_used);
+        self.pci()
+            .bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(PCI_SLOT_PIIX, 1, Arc::new(Mutex::new(ide)));
+        Ok(())
+    }
+
+    /// Attaches an NE2000 (RTL8029) on its own PCI slot, on `tap`.
+    pub fn attach_ne2k(
+        &mut self,
+        vm: &KvmVm,
+        event_manager: &mut DeviceEventManager,
+        name: &str,
+        tap: Tap,
+        mac: MacAddr,
+    ) -> Result<(), DeviceError> {
+        const WHAT: &str = "NE2000 NIC";
+        let irq = self.allocate_irq(name)?;
+        let pci = self.pci();
+        let slot = pci.next_slot;
+        let io_base = pci.next_io;
+        if slot >= 32
+            || u32::from(io_base) + u32::from(PCI_IO_BAR_STRIDE)
+                > u32::from(PCI_IO_WINDOW_START) + u32::from(PCI_IO_WINDOW_LEN)
+        {
+            return Err(DeviceError::OutOfPci(name.into()));
+        }
+        let irq_evt =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(WHAT, e))?;
+        vm.register_irqfd(&irq_evt, irq)
+            .map_err(|e| DeviceError::Irq(name.into(), e))?;
+        let rx_space =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(WHAT, e))?;
+        let metrics = self.metrics.add(
+            DeviceMetrics::new(name, "ne2k", "net").with_register_names(ne2k::register_name),
+            u64::from(io_base),
+        );
+        let tx_tap = tap.try_clone().map_err(|e| DeviceError::EventFd(WHAT, e))?;
+        let nic = Ne2k::new(
+            mac.0,
+            u32::from(io_base),
+            irq as u8,
+            Box::new(irq_evt),
+            Box::new(
+                rx_space
+                    .try_clone()
+                    .map_err(|e| DeviceError::EventFd(WHAT, e))?,
+            ),
+            Box::new(TapSink::new(tx_tap)),
+        )
+        .with_metrics(metrics.clone());
+        let nic = Arc::new(Mutex::new(nic));
+        let pci = self.pci();
+        pci.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add_metered(slot, 0, nic.clone(), Some(metrics.clone()));
+        pci.irqs.push(PciIrq { slot, irq });
+        pci.next_slot += 1;
+        pci.next_io += PCI_IO_BAR_STRIDE;
+        let rx = Ne2kTap::new(nic, tap, rx_space);
+        event_manager.add_subscriber(Arc::new(Mutex::new(Metered::new(
+            Arc::new(Mutex::new(rx)),
+            metrics,
+        ))));
+        info!("{name}: NE2000 (RTL8029) at PCI 00:{slot:02x}.0, I/O {io_base:#x}, IRQ {irq}");
+        Ok(())
     }
 
     /// Attaches the i8042 controller; returns the eventfd it writes when the guest resets.
@@ -116,12 +318,19 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
         event_manager: &mut DeviceEventManager,
         device: D,
+        name: &str,
         what: &str,
     ) -> Result<Arc<Mutex<D>>, DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
         let irq = self.allocate_irq(what)?;
+        let (model, class) = match device.device_type() {
+            1 => ("virtio-net", "net"),
+            2 => ("virtio-blk", "block"),
+            3 => ("virtio-console", "stream"),
+            _ => ("virtio", "other"),
+        };
         let base = VIRTIO_MMIO_START + self.mmio_slots_used * VIRTIO_MMIO_SLOT_SIZE;
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| DeviceError::EventFd("virtio device", e))?;
@@ -136,17 +345,26 @@ impl DeviceManager {
                 )
                 .map_err(|e| DeviceError::IoEvent(what.into(), e))?;
         }
+        let metrics = self.metrics.add(
+            DeviceMetrics::new(name, model, class).with_register_names(mmio::register_name),
+            base,
+        );
         let device = Arc::new(Mutex::new(device));
         let transport = MmioTransport::new(
             mem.clone(),
             device.clone(),
-            Arc::new(VirtioInterrupt::new(irq_evt)),
+            Arc::new(VirtioInterrupt::with_metrics(irq_evt, metrics.clone())),
         );
         self.mmio_bus
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_LEN)
+            .insert_metered(
+                Arc::new(Mutex::new(transport)),
+                base,
+                MMIO_LEN,
+                Some(metrics.clone()),
+            )
             .map_err(|e| DeviceError::Bus("virtio device", e))?;
         self.mmio_slots_used += 1;
-        event_manager.add_subscriber(device.clone());
+        event_manager.add_subscriber(Arc::new(Mutex::new(Metered::new(device.clone(), metrics))));
         self.cmdline_extra.push(format!(
             "virtio_mmio.device={}K@{base:#x}:{irq}",
             MMIO_LEN >> 10
@@ -160,9 +378,37 @@ impl DeviceManager {
         &self.cmdline_extra
     }
 
-    /// The finished buses, to be shared by the vCPU threads.
-    pub fn into_buses(self) -> (Arc<Bus>, Arc<Bus>) {
-        (Arc::new(self.pio_bus), Arc::new(self.mmio_bus))
+    /// PCI INTx routing for the MP table; None when the VM has no PCI bus.
+    pub fn pci_irqs(&self) -> Option<Vec<PciIrq>> {
+        self.pci.as_ref().map(|p| p.irqs.clone())
+    }
+
+    /// The finished buses, to be shared by the vCPU threads, and the devices' counters.
+    pub fn finish(mut self) -> Result<(Arc<Bus>, Arc<Bus>, MetricsRegistry), DeviceError> {
+        if let Some(pci) = self.pci.take() {
+            self.pio_bus
+                .insert(
+                    Arc::new(Mutex::new(PciIoWindow::new(
+                        pci.bus.clone(),
+                        u64::from(PCI_IO_WINDOW_START),
+                    ))),
+                    u64::from(PCI_IO_WINDOW_START),
+                    u64::from(PCI_IO_WINDOW_LEN),
+                )
+                .map_err(|e| DeviceError::Bus("PCI I/O window", e))?;
+            self.pio_bus
+                .insert(
+                    pci.bus,
+                    u64::from(PCI_CONFIG_PORT),
+                    u64::from(PCI_CONFIG_PORT_LEN),
+                )
+                .map_err(|e| DeviceError::Bus("PCI configuration ports", e))?;
+        }
+        Ok((
+            Arc::new(self.pio_bus),
+            Arc::new(self.mmio_bus),
+            self.metrics,
+        ))
     }
 }
 
@@ -174,7 +420,7 @@ mod tests {
     fn i8042_answers_on_its_ports() {
         let mut dm = DeviceManager::new();
         let reset = dm.attach_i8042().unwrap();
-        let (pio, _mmio) = dm.into_buses();
+        let (pio, _mmio, _) = dm.finish().unwrap();
         assert!(pio.write(0x64, &[0xfe]));
         assert_eq!(reset.read().unwrap(), 1);
         let mut b = [0u8];

@@ -6,6 +6,8 @@ pub mod emulated;
 pub mod host_input;
 pub mod legacy;
 pub mod manager;
+pub mod metrics;
+pub mod tap;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -154,17 +154,21 @@ pub enum VcpuAction {
     Stop(GuestExit),
 }
 
-/// Handles one exit by dispatching it to the buses. Pure over its inputs.
-pub fn handle_exit(vcpu: u8, exit: VcpuExit, pio: &Bus, mmio: &Bus) -> VcpuAction {
+/// Handles one exit by dispatching it to the buses. Pure over its inputs. `pio_size` is the
+/// width of each access of a port I/O exit (0: one access of the whole data), which
+/// differs from the data's length for string I/O (`rep insw`), batched by KVM into one exit.
+pub fn handle_exit(vcpu: u8, exit: VcpuExit, pio_size: usize, pio: &Bus, mmio: &Bus) -> VcpuAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
-            if !pio.read(u64::from(port), data) {
+            let size = if pio_size == 0 { data.len() } else { pio_size };
+            if !pio.read_string(u64::from(port), size, data) {
                 debug!("vCPU {vcpu}: unhandled in from port {port:#x}");
             }
             VcpuAction::Continue
         }
         VcpuExit::IoOut(port, data) => {
-            if !pio.write(u64::from(port), data) {
+            let size = if pio_size == 0 { data.len() } else { pio_size };
+            if !pio.write_string(u64::from(port), size, data) {
                 debug!("vCPU {vcpu}: unhandled out to port {port:#x}");
             }
             VcpuAction::Continue
@@ -221,6 +225,20 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
         unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
     }
     std::sync::atomic::fence(Ordering::Release);
+}
+
+/// The width of each access of the port I/O exit this thread is handling. kvm-ioctls hands
+/// out the `size * count` bytes of a string I/O exit without `size`, so it is read from the
+/// thread's `kvm_run`; 0 when the thread runs no vCPU.
+fn current_pio_size() -> usize {
+    let run = KVM_RUN_PTR.with(|p| p.get());
+    if run.is_null() {
+        return 0;
+    }
+    // SAFETY: the pointer is this thread's own mmap'ed kvm_run (see `handle_kick`), which KVM
+    // writes only inside KVM_RUN, not while this thread handles the exit; `io` is the union
+    // member KVM filled for KVM_EXIT_IO, and for other exits the byte is only ignored.
+    usize::from(unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read_volatile() })
 }
 
 /// The signal used to kick vCPU threads out of `KVM_RUN`.
@@ -318,7 +336,7 @@ impl Vcpu {
                 return None;
             }
             let action = match self.fd.run() {
-                Ok(exit) => handle_exit(id, exit, pio, mmio),
+                Ok(exit) => handle_exit(id, exit, current_pio_size(), pio, mmio),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     if state.stopping() {
@@ -375,10 +393,10 @@ mod tests {
     }
 
     fn buses() -> (Bus, Bus) {
-        let mut pio = Bus::new();
+        let mut pio = Bus::new(crate::devices::metrics::Space::Pio);
         pio.insert(Arc::new(Mutex::new(Reg(0x11))), 0x3f8, 8)
             .unwrap();
-        let mut mmio = Bus::new();
+        let mut mmio = Bus::new(crate::devices::metrics::Space::Mmio);
         mmio.insert(Arc::new(Mutex::new(Reg(0x22))), 0xd000_0000, 0x1000)
             .unwrap();
         (pio, mmio)
@@ -389,16 +407,16 @@ mod tests {
         let (pio, mmio) = buses();
         let mut data = [0u8; 1];
         assert_eq!(
-            handle_exit(0, VcpuExit::IoIn(0x3f8, &mut data), &pio, &mmio),
+            handle_exit(0, VcpuExit::IoIn(0x3f8, &mut data), 0, &pio, &mmio),
             VcpuAction::Continue
         );
         assert_eq!(data[0], 0x11);
-        handle_exit(0, VcpuExit::IoOut(0x3f9, &[0x33]), &pio, &mmio);
-        handle_exit(0, VcpuExit::IoIn(0x3f8, &mut data), &pio, &mmio);
+        handle_exit(0, VcpuExit::IoOut(0x3f9, &[0x33]), 0, &pio, &mmio);
+        handle_exit(0, VcpuExit::IoIn(0x3f8, &mut data), 0, &pio, &mmio);
         assert_eq!(data[0], 0x33);
         // Unclaimed ports read as all ones and do not stop the vCPU.
         assert_eq!(
-            handle_exit(0, VcpuExit::IoIn(0x80, &mut data), &pio, &mmio),
+            handle_exit(0, VcpuExit::IoIn(0x80, &mut data), 0, &pio, &mmio),
             VcpuAction::Continue
         );
         assert_eq!(data[0], 0xff);
@@ -408,10 +426,16 @@ mod tests {
     fn mmio_goes_to_the_mmio_bus() {
         let (pio, mmio) = buses();
         let mut data = [0u8; 1];
-        handle_exit(1, VcpuExit::MmioRead(0xd000_0010, &mut data), &pio, &mmio);
+        handle_exit(
+            1,
+            VcpuExit::MmioRead(0xd000_0010, &mut data),
+            0,
+            &pio,
+            &mmio,
+        );
         assert_eq!(data[0], 0x22);
         assert_eq!(
-            handle_exit(1, VcpuExit::MmioWrite(0xe000_0000, &[1]), &pio, &mmio),
+            handle_exit(1, VcpuExit::MmioWrite(0xe000_0000, &[1]), 0, &pio, &mmio),
             VcpuAction::Continue
         );
     }
@@ -420,24 +444,25 @@ mod tests {
     fn lifecycle_exits_stop_the_vcpu() {
         let (pio, mmio) = buses();
         assert_eq!(
-            handle_exit(0, VcpuExit::Shutdown, &pio, &mmio),
+            handle_exit(0, VcpuExit::Shutdown, 0, &pio, &mmio),
             VcpuAction::Stop(GuestExit::TripleFault { vcpu: 0 })
         );
         assert_eq!(
-            handle_exit(2, VcpuExit::FailEntry(0x7, 2), &pio, &mmio),
+            handle_exit(2, VcpuExit::FailEntry(0x7, 2), 0, &pio, &mmio),
             VcpuAction::Stop(GuestExit::FailEntry { vcpu: 2, reason: 7 })
         );
         assert_eq!(
             handle_exit(
                 0,
                 VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]),
+                0,
                 &pio,
                 &mmio
             ),
             VcpuAction::Stop(GuestExit::Reset)
         );
         assert!(matches!(
-            handle_exit(3, VcpuExit::Exception, &pio, &mmio),
+            handle_exit(3, VcpuExit::Exception, 0, &pio, &mmio),
             VcpuAction::Stop(GuestExit::Unexpected { vcpu: 3, .. })
         ));
     }

@@ -75,6 +75,24 @@ pub const UART_PORT_LEN: u16 = 8;
 pub const I8042_PORT: u16 = 0x60;
 /// The i8042 spans 0x60..=0x64.
 pub const I8042_PORT_LEN: u16 = 5;
+/// Primary IDE channel: command block, control block, IRQ (ISA compatibility mode).
+pub const IDE_PRIMARY_PORT: u16 = 0x1f0;
+pub const IDE_PRIMARY_CTL_PORT: u16 = 0x3f6;
+pub const IDE_PRIMARY_IRQ: u32 = 14;
+/// Secondary IDE channel.
+pub const IDE_SECONDARY_PORT: u16 = 0x170;
+pub const IDE_SECONDARY_CTL_PORT: u16 = 0x376;
+pub const IDE_SECONDARY_IRQ: u32 = 15;
+/// Ports of an IDE command block.
+pub const IDE_PORT_LEN: u16 = 8;
+/// PCI configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc.
+pub const PCI_CONFIG_PORT: u16 = 0xcf8;
+pub const PCI_CONFIG_PORT_LEN: u16 = 8;
+/// The I/O window where PCI I/O BARs are assigned (as firmware would, above the ISA ports).
+pub const PCI_IO_WINDOW_START: u16 = 0xc000;
+pub const PCI_IO_WINDOW_LEN: u16 = 0x4000;
+/// Spacing of the BARs the VMM assigns in the window.
+pub const PCI_IO_BAR_STRIDE: u16 = 0x100;
 /// Number of IOAPIC pins the in-kernel irqchip has (and the MP table declares).
 pub const IOAPIC_NUM_PINS: u32 = 24;
 /// IRQs handed to devices that are not at a fixed legacy place, in order: the free ISA ones

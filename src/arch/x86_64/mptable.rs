@@ -1,5 +1,5 @@
 //! The Intel MultiProcessor Specification 1.4 table: how a guest without ACPI learns its CPUs,
-//! its IOAPIC and how ISA interrupts are wired.
+//! its IOAPIC and how ISA and PCI interrupts are wired.
 //!
 //! The table is serialised by hand (little-endian fields, spec chapter 4) rather than through
 //! `repr(packed)` structs, which keeps this module free of `unsafe`.
@@ -40,8 +40,23 @@ const MP_IRQTYPE_NMI: u8 = 1;
 const MP_IRQTYPE_EXTINT: u8 = 3;
 /// Polarity and trigger "conforms to the bus".
 const MP_IRQFLAG_DEFAULT: u16 = 0;
+/// Active high, edge triggered: what an irqfd pulse on the in-kernel IOAPIC is. PCI INTx is
+/// level/low by default, but our PCI devices raise edges, and their drivers loop on the
+/// device's status until nothing is pending, so no interrupt is lost.
+const MP_IRQFLAG_EDGE_HIGH: u16 = 0x5;
 const BUS_ID_ISA: u8 = 0;
 const BUS_TYPE_ISA: &[u8; 6] = b"ISA   ";
+/// PCI bus 0 appears as MP bus 1 (MP bus ids need not match PCI bus numbers).
+const BUS_ID_PCI: u8 = 1;
+const BUS_TYPE_PCI: &[u8; 6] = b"PCI   ";
+
+/// A PCI function's INTA# routed to an IOAPIC pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciIrq {
+    /// Device number on PCI bus 0.
+    pub slot: u8,
+    pub irq: u32,
+}
 
 /// Errors writing the MP table.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +73,8 @@ pub fn ioapic_id(num_cpus: u8) -> u8 {
 }
 
 /// Serialises the floating pointer followed by the configuration table, as laid out at `base`.
-pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
+/// With `pci_irqs` (possibly empty but for a PCI bus), a PCI bus and its INTx routing appear.
+pub fn build(num_cpus: u8, pci_irqs: Option<&[PciIrq]>, base: u64) -> Vec<u8> {
     let ioapic = ioapic_id(num_cpus);
     let mut entries = Vec::new();
     let mut count: u16 = 0;
@@ -75,6 +91,11 @@ pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
     entries.extend_from_slice(&[MP_BUS, BUS_ID_ISA]);
     entries.extend_from_slice(BUS_TYPE_ISA);
     count += 1;
+    if pci_irqs.is_some() {
+        entries.extend_from_slice(&[MP_BUS, BUS_ID_PCI]);
+        entries.extend_from_slice(BUS_TYPE_PCI);
+        count += 1;
+    }
 
     entries.extend_from_slice(&[MP_IOAPIC, ioapic, IOAPIC_VERSION, MPC_APIC_USABLE]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
@@ -87,6 +108,14 @@ pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
         entries.push(MP_IRQTYPE_INT);
         entries.extend_from_slice(&MP_IRQFLAG_DEFAULT.to_le_bytes());
         entries.extend_from_slice(&[BUS_ID_ISA, pin, ioapic, pin]);
+        count += 1;
+    }
+    // PCI source "IRQ" is (device << 2) | pin, pin 0 = INTA# (MP spec D.3).
+    for p in pci_irqs.unwrap_or_default() {
+        entries.push(MP_INTSRC);
+        entries.push(MP_IRQTYPE_INT);
+        entries.extend_from_slice(&MP_IRQFLAG_EDGE_HIGH.to_le_bytes());
+        entries.extend_from_slice(&[BUS_ID_PCI, p.slot << 2, ioapic, p.irq as u8]);
         count += 1;
     }
 
@@ -130,8 +159,12 @@ pub fn build(num_cpus: u8, base: u64) -> Vec<u8> {
 }
 
 /// Writes the MP table into the BIOS area where the kernel scans for it.
-pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), MptableError> {
-    let bytes = build(num_cpus, MPTABLE_START);
+pub fn setup_mptable(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    pci_irqs: Option<&[PciIrq]>,
+) -> Result<(), MptableError> {
+    let bytes = build(num_cpus, pci_irqs, MPTABLE_START);
     if MPTABLE_START + bytes.len() as u64 > BIOS_END {
         return Err(MptableError::TooLarge(num_cpus));
     }
@@ -167,7 +200,7 @@ mod tests {
 
     #[test]
     fn floating_pointer_is_valid_and_points_at_table() {
-        let b = build(2, MPTABLE_START);
+        let b = build(2, None, MPTABLE_START);
         assert_eq!(&b[..4], MPF_SIGNATURE);
         assert_eq!(sum(&b[..16]), 0);
         let ptr = u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64;
@@ -178,7 +211,7 @@ mod tests {
     #[test]
     fn table_checksum_length_and_count_are_right() {
         for cpus in [1u8, 4, 32] {
-            let b = build(cpus, MPTABLE_START);
+            let b = build(cpus, Some(&[PciIrq { slot: 2, irq: 5 }]), MPTABLE_START);
             let table = &b[16..];
             assert_eq!(&table[..4], MPC_SIGNATURE);
             let len = u16::from_le_bytes([table[4], table[5]]) as usize;
@@ -193,7 +226,7 @@ mod tests {
 
     #[test]
     fn one_processor_entry_per_cpu_with_bsp_first() {
-        let b = build(4, MPTABLE_START);
+        let b = build(4, None, MPTABLE_START);
         let cpus: Vec<_> = parse_entries(&b[16..])
             .into_iter()
             .filter(|(t, _)| *t == MP_PROCESSOR)
@@ -209,7 +242,7 @@ mod tests {
 
     #[test]
     fn ioapic_and_interrupt_routing() {
-        let b = build(3, MPTABLE_START);
+        let b = build(3, None, MPTABLE_START);
         let entries = parse_entries(&b[16..]);
         let ioapics: Vec<_> = entries.iter().filter(|(t, _)| *t == MP_IOAPIC).collect();
         assert_eq!(ioapics.len(), 1);
@@ -233,9 +266,36 @@ mod tests {
     }
 
     #[test]
+    fn pci_interrupts_are_routed_from_the_pci_bus() {
+        let irqs = [PciIrq { slot: 2, irq: 9 }, PciIrq { slot: 3, irq: 17 }];
+        let b = build(1, Some(&irqs), MPTABLE_START);
+        let entries = parse_entries(&b[16..]);
+        let buses: Vec<_> = entries.iter().filter(|(t, _)| *t == MP_BUS).collect();
+        assert_eq!(buses.len(), 2);
+        assert_eq!(&buses[1].1[1..8], b"\x01PCI   ");
+        let pci: Vec<_> = entries
+            .iter()
+            .filter(|(t, e)| *t == MP_INTSRC && e[4] == BUS_ID_PCI)
+            .map(|(_, e)| (e[5], e[7], u16::from_le_bytes([e[2], e[3]])))
+            .collect();
+        assert_eq!(pci, vec![(2 << 2, 9, 0x5), (3 << 2, 17, 0x5)]);
+        // Without PCI devices there is no PCI bus at all.
+        let b = build(1, None, MPTABLE_START);
+        assert!(!parse_entries(&b[16..])
+            .iter()
+            .any(|(t, e)| *t == MP_BUS && e[1] == BUS_ID_PCI));
+    }
+
+    #[test]
     fn largest_table_fits_in_bios_area_and_is_written() {
         let mem = create_guest_memory(32 << 20).unwrap();
-        setup_mptable(&mem, crate::config::MAX_VCPUS).unwrap();
+        let pci: Vec<_> = (2..10)
+            .map(|slot| PciIrq {
+                slot,
+                irq: 16 + u32::from(slot),
+            })
+            .collect();
+        setup_mptable(&mem, crate::config::MAX_VCPUS, Some(&pci)).unwrap();
         let mut sig = [0u8; 4];
         mem.read_slice(&mut sig, GuestAddress(MPTABLE_START))
             .unwrap();

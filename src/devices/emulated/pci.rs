@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use log::debug;
 
 use crate::devices::bus::BusDevice;
+use crate::devices::metrics::DeviceMetrics;
 
 /// Configuration space size of a conventional PCI function.
 pub const CONFIG_SIZE: usize = 256;
@@ -173,7 +174,39 @@ pub fn piix3_isa_bridge() -> ConfigOnly {
     ))
 }
 
+/// IDETIM registers of the PIIX IDE function: bit 15 enables decoding of a channel's legacy
+/// ports, which `ata_piix` checks before it probes the channel.
+const PIIX_IDETIM_PRIMARY: usize = 0x40;
+const PIIX_IDETIM_SECONDARY: usize = 0x42;
+const PIIX_IDETIM_DECODE: u16 = 0x8000;
+
+/// The PIIX3 IDE function (8086:7010) in legacy mode: both channels at the ISA addresses and
+/// IRQs 14/15, no bus master DMA (BAR4 left zero, so the driver uses PIO). A channel with no
+/// disk is left disabled, which spares the guest probing it.
+pub fn piix3_ide(primary: bool, secondary: bool) -> ConfigOnly {
+    // Class 01 (storage) 01 (IDE), prog-if 0x80: bus master capable, both channels in
+    // compatibility mode with fixed modes.
+    let mut c = PciConfig::new(0x8086, 0x7010, 0x01, 0x01, 0x80, 0);
+    for (reg, on) in [
+        (PIIX_IDETIM_PRIMARY, primary),
+        (PIIX_IDETIM_SECONDARY, secondary),
+    ] {
+        c.set16(reg, if on { PIIX_IDETIM_DECODE } else { 0 });
+        // The driver programs timings in the low bits; the decode bit stays ours.
+        c.writable[reg] = 0xff;
+        c.writable[reg + 1] = 0x7f;
+    }
+    // The slave timing register (SIDETIM) and UDMA control, which the driver may write.
+    c.make_writable(0x44, 1);
+    c.make_writable(0x48, 4);
+    let cmd = c.get16(REG_COMMAND) | COMMAND_IO_ENABLE;
+    c.set16(REG_COMMAND, cmd);
+    ConfigOnly(c)
+}
+
 type SharedPci = Arc<Mutex<dyn PciDevice>>;
+/// (device, function), the function, and the counters of its BAR accesses.
+type PciSlot = ((u8, u8), SharedPci, Option<Arc<DeviceMetrics>>);
 
 fn lock(d: &SharedPci) -> MutexGuard<'_, dyn PciDevice + 'static> {
     d.lock().unwrap_or_else(|p| p.into_inner())
@@ -183,8 +216,7 @@ fn lock(d: &SharedPci) -> MutexGuard<'_, dyn PciDevice + 'static> {
 #[derive(Default)]
 pub struct PciBus {
     address: u32,
-    /// (device, function) -> function.
-    devices: Vec<((u8, u8), SharedPci)>,
+    devices: Vec<PciSlot>,
 }
 
 impl PciBus {
@@ -194,8 +226,19 @@ impl PciBus {
 
     /// Plugs `dev` in at `slot`.`function`.
     pub fn add(&mut self, slot: u8, function: u8, dev: SharedPci) {
+        self.add_metered(slot, function, dev, None);
+    }
+
+    /// Plugs `dev` in at `slot`.`function`, counting exits on its BARs in `metrics`.
+    pub fn add_metered(
+        &mut self,
+        slot: u8,
+        function: u8,
+        dev: SharedPci,
+        metrics: Option<Arc<DeviceMetrics>>,
+    ) {
         assert!(slot < 32 && function < 8);
-        self.devices.push(((slot, function), dev));
+        self.devices.push(((slot, function), dev, metrics));
     }
 
     fn target(&self) -> Option<(&SharedPci, usize)> {
@@ -211,24 +254,37 @@ impl PciBus {
         }
         self.devices
             .iter()
-            .find(|((s, f), _)| *s == slot && *f == func)
-            .map(|(_, d)| (d, reg))
+            .find(|((s, f), _, _)| *s == slot && *f == func)
+            .map(|(_, d, _)| (d, reg))
     }
 
     /// The function whose I/O BAR covers `port`, with the BAR index and offset.
-    pub fn io_target(&self, port: u64) -> Option<(SharedPci, usize, u64)> {
-        for (_, dev) in &self.devices {
+    pub fn io_target(&self, port: u64) -> Option<IoTarget> {
+        for (_, dev, metrics) in &self.devices {
             let d = lock(dev);
             for bar in 0..6 {
                 if let Some((base, size)) = d.config().io_bar(bar) {
                     if (base..base + size).contains(&port) {
-                        return Some((dev.clone(), bar, port - base));
+                        return Some(IoTarget {
+                            dev: dev.clone(),
+                            bar,
+                            offset: port - base,
+                            metrics: metrics.clone(),
+                        });
                     }
                 }
             }
         }
         None
     }
+}
+
+/// Where an I/O access in the window goes.
+pub struct IoTarget {
+    pub dev: SharedPci,
+    pub bar: usize,
+    pub offset: u64,
+    pub metrics: Option<Arc<DeviceMetrics>>,
 }
 
 /// Offsets in the 0xCF8 window.
@@ -272,36 +328,46 @@ impl BusDevice for PciBus {
 pub struct PciIoWindow {
     bus: Arc<Mutex<PciBus>>,
     base: u64,
+    /// The counters of the function that served the last access.
+    last: Option<Arc<DeviceMetrics>>,
 }
 
 impl PciIoWindow {
     pub fn new(bus: Arc<Mutex<PciBus>>, base: u64) -> Self {
-        Self { bus, base }
+        Self {
+            bus,
+            base,
+            last: None,
+        }
+    }
+
+    fn target(&mut self, offset: u64) -> Option<IoTarget> {
+        let t = self
+            .bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .io_target(self.base + offset);
+        self.last = t.as_ref().and_then(|t| t.metrics.clone());
+        t
     }
 }
 
 impl BusDevice for PciIoWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let target = self
-            .bus
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .io_target(self.base + offset);
-        match target {
-            Some((dev, bar, off)) => lock(&dev).io_read(bar, off, data),
+        match self.target(offset) {
+            Some(t) => lock(&t.dev).io_read(t.bar, t.offset, data),
             None => data.fill(0xff),
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let target = self
-            .bus
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .io_target(self.base + offset);
-        if let Some((dev, bar, off)) = target {
-            lock(&dev).io_write(bar, off, data);
+        if let Some(t) = self.target(offset) {
+            lock(&t.dev).io_write(t.bar, t.offset, data);
         }
+    }
+
+    fn served_by(&self) -> Option<Arc<DeviceMetrics>> {
+        self.last.clone()
     }
 }
 

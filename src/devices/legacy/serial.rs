@@ -17,14 +17,33 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
 use crate::devices::host_input::HostInput;
+use crate::devices::metrics::DeviceMetrics;
+
+/// 16550A register names by offset, for the exit accounting.
+pub fn register_name(offset: u64) -> &'static str {
+    match offset {
+        0 => "rbr/thr",
+        1 => "ier",
+        2 => "iir/fcr",
+        3 => "lcr",
+        4 => "mcr",
+        5 => "lsr",
+        6 => "msr",
+        7 => "scr",
+        _ => "",
+    }
+}
 
 /// Raises an interrupt by writing to an eventfd that KVM watches as an irqfd.
 #[derive(Debug)]
-pub struct EventFdTrigger(EventFd);
+pub struct EventFdTrigger {
+    evt: EventFd,
+    metrics: Arc<DeviceMetrics>,
+}
 
 impl EventFdTrigger {
-    pub fn new(evt: EventFd) -> Self {
-        Self(evt)
+    pub fn new(evt: EventFd, metrics: Arc<DeviceMetrics>) -> Self {
+        Self { evt, metrics }
     }
 }
 
@@ -32,19 +51,26 @@ impl Trigger for EventFdTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        self.metrics.add_interrupt();
+        self.evt.write(1)
     }
 }
 
-/// Signals the event loop when the guest has emptied the receive FIFO.
+/// Counts the bytes the guest moves, and signals the event loop when the guest has emptied
+/// the receive FIFO.
 #[derive(Debug)]
 pub struct SerialEventsNotifier {
     buffer_ready: EventFd,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl SerialEvents for SerialEventsNotifier {
-    fn buffer_read(&self) {}
-    fn out_byte(&self) {}
+    fn buffer_read(&self) {
+        self.metrics.add_bytes_to_guest(1);
+    }
+    fn out_byte(&self) {
+        self.metrics.add_bytes_from_guest(1);
+    }
     fn tx_lost_byte(&self) {
         warn!("serial: lost an output byte (the output backend failed)");
     }
@@ -70,13 +96,20 @@ const LCR_OFFSET: u64 = 3;
 const LCR_DLAB: u8 = 0x80;
 
 impl SerialDevice {
-    /// A UART raising `irq_evt` and writing guest output to `out`.
-    pub fn new(irq_evt: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
+    /// A UART raising `irq_evt` and writing guest output to `out`, counting into `metrics`.
+    pub fn new(
+        irq_evt: EventFd,
+        out: Box<dyn Write + Send>,
+        metrics: Arc<DeviceMetrics>,
+    ) -> io::Result<Self> {
         let buffer_ready = EventFd::new(libc::EFD_NONBLOCK)?;
         Ok(Self {
             serial: Serial::with_events(
-                EventFdTrigger::new(irq_evt),
-                SerialEventsNotifier { buffer_ready },
+                EventFdTrigger::new(irq_evt, metrics.clone()),
+                SerialEventsNotifier {
+                    buffer_ready,
+                    metrics,
+                },
                 out,
             ),
             ier: 0,
@@ -308,7 +341,12 @@ mod tests {
     fn device() -> (SerialDevice, EventFd, SharedBuf) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let out = SharedBuf::default();
-        let dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone())).unwrap();
+        let dev = SerialDevice::new(
+            irq.try_clone().unwrap(),
+            Box::new(out.clone()),
+            DeviceMetrics::unnamed(),
+        )
+        .unwrap();
         (dev, irq, out)
     }
 

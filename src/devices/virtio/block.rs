@@ -8,6 +8,8 @@
 
 use std::io;
 
+use std::sync::Arc;
+
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, warn};
 use virtio_bindings::virtio_blk::*;
@@ -17,12 +19,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
-    read_chain, ActivateError, Activation, DeviceState, VirtioDevice, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    read_chain, take_notifications, ActivateError, Activation, DeviceState, VirtioDevice,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::DISK_SERIAL_MAX;
 pub use crate::devices::disk::BlockBackend;
 use crate::devices::disk::SECTOR_SIZE;
+use crate::devices::metrics::DeviceMetrics;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Virtio device id of a block device.
@@ -133,6 +136,8 @@ pub struct VirtioBlock {
     activate_evt: EventFd,
     state: Option<DeviceState>,
     queue_registered: bool,
+    /// The device's counters, handed over with the interrupt line at activation.
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl VirtioBlock {
@@ -173,6 +178,7 @@ impl VirtioBlock {
             activate_evt: evt()?,
             state: None,
             queue_registered: false,
+            metrics: DeviceMetrics::unnamed(),
         })
     }
 
@@ -211,8 +217,10 @@ impl VirtioBlock {
                     offset += u64::from(d.len());
                 }
                 Ok(if req.kind == VIRTIO_BLK_T_IN {
+                    self.metrics.add_bytes_to_guest(data_len);
                     data_len as u32
                 } else {
+                    self.metrics.add_bytes_from_guest(data_len);
                     0
                 })
             }
@@ -331,6 +339,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.metrics = activation.interrupt.metrics().clone();
         self.state = Some(DeviceState::from_activation(activation, 1)?);
         self.activate_evt.write(1).map_err(ActivateError::EventFd)
     }
@@ -383,7 +392,7 @@ impl MutEventSubscriber for VirtioBlock {
                 self.process_queue();
             }
             EVT_QUEUE => {
-                let _ = self.queue_evts[0].read();
+                take_notifications(&self.queue_evts[0], &self.metrics);
                 self.process_queue();
             }
             other => warn!("{}: unexpected event {other}", self.name),

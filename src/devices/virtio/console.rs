@@ -7,6 +7,8 @@
 
 use std::io::{self, Write};
 
+use std::sync::Arc;
+
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, warn};
 use virtio_queue::desc::split::Descriptor;
@@ -15,9 +17,11 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
-    read_chain, ActivateError, Activation, DeviceState, VirtioDevice, VIRTIO_F_VERSION_1,
+    read_chain, take_notifications, ActivateError, Activation, DeviceState, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
 use crate::devices::host_input::HostInput;
+use crate::devices::metrics::DeviceMetrics;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Virtio device id of a console.
@@ -47,6 +51,8 @@ pub struct VirtioConsole {
     queues_watched: bool,
     input_watched: bool,
     input_eof: bool,
+    /// The device's counters, handed over with the interrupt line at activation.
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl VirtioConsole {
@@ -66,6 +72,7 @@ impl VirtioConsole {
             queues_watched: false,
             input_watched: false,
             input_eof: false,
+            metrics: DeviceMetrics::unnamed(),
         })
     }
 
@@ -87,6 +94,7 @@ impl VirtioConsole {
                     .and_then(|d| gather(&d, &state.mem, &mut buf))
                 {
                     Ok(()) => {
+                        self.metrics.add_bytes_from_guest(buf.len() as u64);
                         if let Err(e) = self
                             .output
                             .write_all(&buf)
@@ -172,6 +180,7 @@ impl VirtioConsole {
             state.queues[RX].go_to_previous_position();
         } else {
             let written = scatter(&descs, &state.mem, &buf[..n]);
+            self.metrics.add_bytes_to_guest(written as u64);
             if let Err(e) = state.queues[RX].add_used(&state.mem, head, written as u32) {
                 error!("virtio-console: cannot complete a receive buffer: {e}");
             }
@@ -256,6 +265,7 @@ impl VirtioDevice for VirtioConsole {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.metrics = activation.interrupt.metrics().clone();
         self.state = Some(DeviceState::from_activation(activation, 2)?);
         self.activate_evt.write(1).map_err(ActivateError::EventFd)
     }
@@ -298,12 +308,12 @@ impl MutEventSubscriber for VirtioConsole {
                 self.watch_input(ops, true);
             }
             EVT_TX => {
-                let _ = self.queue_evts[TX].read();
+                take_notifications(&self.queue_evts[TX], &self.metrics);
                 self.process_tx();
             }
             EVT_RX => {
                 // The guest posted receive buffers: input may flow again.
-                let _ = self.queue_evts[RX].read();
+                take_notifications(&self.queue_evts[RX], &self.metrics);
                 self.watch_input(ops, true);
             }
             EVT_INPUT => {

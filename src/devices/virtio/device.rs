@@ -11,6 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::metrics::DeviceMetrics;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Feature bits every device here offers (virtio 1.x, section 6).
@@ -72,22 +73,35 @@ pub struct Activation {
 /// The interrupt line of a virtio-mmio device and its InterruptStatus register, shared by the
 /// transport (which the guest reads and acknowledges) and the device (which raises it from
 /// the event loop without taking the transport's lock).
+/// It also carries the device's counters, which the device picks up when it is activated.
 #[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
     irq_evt: EventFd,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl VirtioInterrupt {
     pub fn new(irq_evt: EventFd) -> Self {
+        Self::with_metrics(irq_evt, DeviceMetrics::unnamed())
+    }
+
+    pub fn with_metrics(irq_evt: EventFd, metrics: Arc<DeviceMetrics>) -> Self {
         Self {
             status: AtomicU32::new(0),
             irq_evt,
+            metrics,
         }
+    }
+
+    /// The counters of the device this line belongs to.
+    pub fn metrics(&self) -> &Arc<DeviceMetrics> {
+        &self.metrics
     }
 
     fn raise(&self, bit: u32) -> io::Result<()> {
         self.status.fetch_or(bit, Ordering::SeqCst);
+        self.metrics.add_interrupt();
         self.irq_evt.write(1)
     }
 
@@ -118,6 +132,14 @@ impl VirtioInterrupt {
     /// Clears everything (device reset).
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// Clears a queue's ioeventfd; its counter is the number of notifications KVM handled for
+/// the guest since the last read, each one a VM exit that never reached userspace.
+pub fn take_notifications(evt: &EventFd, metrics: &DeviceMetrics) {
+    if let Ok(n) = evt.read() {
+        metrics.add_notifications(n);
     }
 }
 

@@ -53,6 +53,32 @@ const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_SPACE: u64 = 0x100;
 
+/// Register names by offset, for the exit accounting.
+pub fn register_name(offset: u64) -> &'static str {
+    match offset {
+        REG_MAGIC => "magic",
+        REG_VERSION => "version",
+        REG_DEVICE_ID => "device_id",
+        REG_VENDOR_ID => "vendor_id",
+        REG_DEVICE_FEATURES => "device_features",
+        REG_DEVICE_FEATURES_SEL => "device_features_sel",
+        REG_DRIVER_FEATURES => "driver_features",
+        REG_DRIVER_FEATURES_SEL => "driver_features_sel",
+        REG_QUEUE_SEL => "queue_sel",
+        REG_QUEUE_NUM_MAX => "queue_num_max",
+        REG_QUEUE_NUM => "queue_num",
+        REG_QUEUE_READY => "queue_ready",
+        REG_QUEUE_NOTIFY => "queue_notify",
+        REG_INTERRUPT_STATUS => "interrupt_status",
+        REG_INTERRUPT_ACK => "interrupt_ack",
+        REG_STATUS => "status",
+        REG_QUEUE_DESC_LOW..=REG_QUEUE_DEVICE_HIGH => "queue_address",
+        REG_CONFIG_GENERATION => "config_generation",
+        CONFIG_SPACE.. => "config",
+        _ => "",
+    }
+}
+
 // Device status bits (virtio 1.x, 2.1).
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
 pub const STATUS_DRIVER: u32 = 2;

@@ -5,7 +5,6 @@ pub mod console;
 pub mod device;
 pub mod mmio;
 pub mod net;
-pub mod tap;
 
 pub use block::VirtioBlock;
 pub use console::VirtioConsole;

@@ -22,6 +22,8 @@ use std::io;
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 
+use std::sync::Arc;
+
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use log::{debug, error, info, warn};
 use virtio_bindings::virtio_net::*;
@@ -31,11 +33,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::block::read_config_bytes;
 use super::device::{
-    read_chain, ActivateError, Activation, ChainError, DeviceState, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    read_chain, take_notifications, ActivateError, Activation, ChainError, DeviceState,
+    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use super::tap::{Tap, TapError};
 use crate::config::{MacAddr, NetConfig};
+use crate::devices::metrics::DeviceMetrics;
+use crate::devices::tap::{Tap, TapError};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Virtio device id of a network card.
@@ -293,6 +296,8 @@ pub struct VirtioNet {
     rx_held: Vec<RxBuffer>,
     tx_frame: Vec<u8>,
     stats: NetStats,
+    /// The device's counters, handed over with the interrupt line at activation.
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl VirtioNet {
@@ -326,6 +331,7 @@ impl VirtioNet {
             rx_held: Vec::new(),
             tx_frame: vec![0; MAX_FRAME_LEN],
             stats: NetStats::default(),
+            metrics: DeviceMetrics::unnamed(),
         })
     }
 
@@ -398,6 +404,8 @@ impl VirtioNet {
             Ok(_) => {
                 self.stats.tx_frames += 1;
                 self.stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                self.metrics
+                    .add_bytes_from_guest((len - VNET_HDR_LEN) as u64);
             }
             Err(e) => {
                 // A real NIC drops too when the wire refuses (link down, bad offload
@@ -485,6 +493,7 @@ impl VirtioNet {
                 Delivery::Delivered => {
                     self.stats.rx_frames += 1;
                     self.stats.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                    self.metrics.add_bytes_to_guest((len - VNET_HDR_LEN) as u64);
                     self.rx_len = None;
                 }
                 Delivery::Dropped => {
@@ -670,6 +679,7 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.metrics = activation.interrupt.metrics().clone();
         let state = DeviceState::from_activation(activation, 2)?;
         let offloads = tap_offloads(state.acked_features);
         self.backend.set_offload(offloads).map_err(|e| {
@@ -731,12 +741,12 @@ impl MutEventSubscriber for VirtioNet {
                 self.watch_backend(ops, want);
             }
             EVT_RX_QUEUE => {
-                let _ = self.queue_evts[RX].read();
+                take_notifications(&self.queue_evts[RX], &self.metrics);
                 let want = self.process_rx();
                 self.watch_backend(ops, want);
             }
             EVT_TX_QUEUE => {
-                let _ = self.queue_evts[TX].read();
+                take_notifications(&self.queue_evts[TX], &self.metrics);
                 self.process_tx();
             }
             // An event of this batch may arrive after the watch was dropped.

@@ -181,6 +181,16 @@ impl Tap {
         Ok(tap)
     }
 
+    /// A second handle on the same queue, for a device that sends from a vCPU thread while
+    /// the event loop receives.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+            created: self.created,
+        })
+    }
+
     /// The interface name (the kernel's choice with tap=auto).
     pub fn name(&self) -> &str {
         &self.name
