@@ -202,6 +202,15 @@ impl Vmm {
             .map(|d| RawFile::open(&d.path, d.readonly).map(|file| (d, file)))
             .collect::<Result<Vec<_>, _>>()?;
         let taps = open_taps(&cfg.nets)?;
+        // A report that cannot be written is a bad flag: say so before KVM is touched.
+        if let Some(path) = &cfg.metrics {
+            MetricsRegistry::new()
+                .write_to(path)
+                .map_err(|source| VmmError::MetricsFile {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
 
         let vm = KvmVm::new(cfg.vcpus)?;
         let mem = create_guest_memory(cfg.mem_bytes())?;
@@ -315,15 +324,7 @@ impl Vmm {
         event_manager.add_subscriber(Arc::new(Mutex::new(lifecycle)));
 
         let (pio, mmio, metrics) = devices.finish()?;
-        // A report that cannot be written is a bad flag: say so before the guest runs.
-        if let Some(path) = &cfg.metrics {
-            metrics
-                .write_to(path)
-                .map_err(|source| VmmError::MetricsFile {
-                    path: path.clone(),
-                    source,
-                })?;
-        }
+
         Ok(Self {
             vcpus,
             vm,

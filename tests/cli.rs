@@ -46,6 +46,13 @@ fn help_documents_every_flag() {
         "--cpus",
         "--memory",
         "--serial",
+        "--disk",
+        "--net",
+        "--console",
+        "--serial2",
+        "--metrics",
+        "model=virtio|ide",
+        "model=virtio|ne2k",
     ] {
         assert!(help.contains(flag), "run --help lacks {flag}:\n{help}");
     }
@@ -181,6 +188,54 @@ fn bad_flag_values() {
         &run(&["--kernel", &k, "--cmdline", &long]),
         1,
         "command line is 3000 bytes",
+    );
+}
+
+#[test]
+fn bad_device_models_and_counts_are_named() {
+    let k = artifacts().vmlinux.to_str().unwrap().to_string();
+    let img = write_temp("model.img", &[0u8; 4096]);
+    let img = img.to_str().unwrap();
+    assert_fails_with(
+        &run(&["--kernel", &k, "--disk", &format!("{img},model=ne2k")]),
+        2,
+        "unknown disk model 'ne2k': expected virtio or ide",
+    );
+    assert_fails_with(
+        &run(&["--kernel", &k, "--net", "tap=t0,model=ide"]),
+        2,
+        "unknown NIC model 'ide': expected virtio or ne2k",
+    );
+    assert_fails_with(
+        &run(&["--kernel", &k, "--serial2", "pty"]),
+        2,
+        "unknown serial backend 'pty'",
+    );
+    let ide = format!("{img},model=ide");
+    let mut args = vec!["--kernel", k.as_str()];
+    for _ in 0..5 {
+        args.extend(["--disk", ide.as_str()]);
+    }
+    assert_fails_with(
+        &run(&args),
+        1,
+        "5 IDE disks given; the two IDE channels take at most 4",
+    );
+}
+
+#[test]
+fn unwritable_metrics_file_is_named() {
+    let a = artifacts();
+    let out = run(&[
+        "--kernel",
+        a.vmlinux.to_str().unwrap(),
+        "--metrics",
+        "/nonexistent/dir/metrics.json",
+    ]);
+    assert_fails_with(
+        &out,
+        1,
+        "Failed to write the metrics file /nonexistent/dir/metrics.json",
     );
 }
 

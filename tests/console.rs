@@ -1,5 +1,6 @@
-//! The paravirtual console (/dev/hvc0): output reaches the configured backend, host input
-//! reaches the guest. Every test boots the project's guest.
+//! The stream devices: the paravirtual console (/dev/hvc0) and its emulated counterpart, the
+//! second UART (/dev/ttyS1): output reaches the configured backend, host input reaches the
+//! guest. Every test boots the project's guest.
 
 mod common;
 
@@ -60,5 +61,61 @@ fn host_input_reaches_the_guest_through_hvc0() {
         out.stdout.contains("guest-read=[typed-into-hvc0]"),
         "{}",
         out.dump()
+    );
+}
+
+#[test]
+fn ttys1_output_reaches_its_file_byte_for_byte() {
+    sandboxed!();
+    let log = temp_path("ttyS1.log");
+    // Raw mode: no newline translation, so the file must hold exactly what was written.
+    let out = Vm::guest_running("stty -F /dev/ttyS1 raw -echo 115200 && seq 1 3000 > /dev/ttyS1")
+        .arg("--serial2")
+        .arg(format!("file={}", log.display()))
+        .run();
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    assert_eq!(out.guest_exit(), Some(0), "{}", out.dump());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let expected: String = (1..=3000).map(|i| format!("{i}\n")).collect();
+    assert!(
+        text == expected,
+        "ttyS1 carried {} of {} bytes intact",
+        text.len(),
+        expected.len()
+    );
+    assert!(
+        !out.stdout.contains("2999"),
+        "ttyS0 stays the console\n{}",
+        out.dump()
+    );
+    let _ = std::fs::remove_file(log);
+}
+
+#[test]
+fn host_input_reaches_the_guest_through_ttys1() {
+    sandboxed!();
+    // ttyS0 (the console) is silenced: everything on stdout comes through ttyS1.
+    let mut vm = Vm::guest_running(
+        "stty -F /dev/ttyS1 raw -echo; exec 3<>/dev/ttyS1; echo ttyS1-open-$((6*7)) >&3; \
+         head -c 16 <&3 >/tmp/in; echo guest-read=[$(cat /tmp/in)] >&3",
+    )
+    .arg("--serial")
+    .arg("none")
+    .arg("--serial2")
+    .arg("stdio")
+    .stdin_piped()
+    .spawn();
+    vm.wait_for("ttyS1-open-42", Duration::from_secs(300));
+    vm.write_stdin(b"typed-into-ttyS1");
+    let out = vm.finish(Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    assert!(
+        out.stdout.contains("guest-read=[typed-into-ttyS1]"),
+        "{}",
+        out.dump()
+    );
+    assert!(
+        !out.stdout.contains("Linux version"),
+        "the console stayed off stdout"
     );
 }

@@ -1,7 +1,8 @@
-//! virtio-net over host TAP devices: the guest and the host ping each other, TCP payloads
-//! cross intact both ways, two NICs work at once, the MAC given on the command line is the
-//! guest's, and a TAP that cannot be opened is a clear error. Each test makes its own TAP
-//! (`ip tuntap add`, so root is needed: the sandbox runs tests as root) and removes it.
+//! NICs over host TAP devices, on both models (virtio-net and the emulated NE2000; the same
+//! tests run on each): the guest and the host ping each other, TCP payloads cross intact
+//! both ways, two NICs work at once, the MAC given on the command line is the guest's, and a
+//! TAP that cannot be opened is a clear error. Each test makes its own TAP (`ip tuntap add`,
+//! so root is needed: the sandbox runs tests as root) and removes it.
 
 mod common;
 
@@ -201,10 +202,56 @@ fn mb_per_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / d.as_secs_f64()
 }
 
-#[test]
-fn guest_and_host_ping_each_other() {
-    sandboxed!();
-    let tap = HostTap::new(101);
+/// A NIC model as a test sees it.
+struct Model {
+    /// Appended to `--net tap=NAME`.
+    opt: &'static str,
+    /// Offset for TAP numbers, so the two models' tests never share a subnet.
+    tap_base: u8,
+}
+
+const VIRTIO: Model = Model {
+    opt: "",
+    tap_base: 100,
+};
+const NE2K: Model = Model {
+    opt: ",model=ne2k",
+    tap_base: 150,
+};
+
+impl Model {
+    fn tap(&self, n: u8) -> HostTap {
+        HostTap::new(self.tap_base + n)
+    }
+
+    /// The --net value for `tap` with this model.
+    fn flag(&self, tap: &HostTap) -> String {
+        format!("{}{}", tap.flag(), self.opt)
+    }
+}
+
+/// Generates one test per model from functions taking the model; the generated tests move
+/// into the sandbox themselves.
+macro_rules! per_model {
+    ($($name:ident),* $(,)?) => {
+        mod virtio {
+            $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::VIRTIO) })*
+        }
+        mod ne2k {
+            $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::NE2K) })*
+        }
+    };
+}
+
+per_model!(
+    guest_and_host_ping_each_other,
+    tcp_payload_arrives_intact_both_ways,
+    two_nics_pass_traffic,
+    mac_from_the_flag_shows_in_the_guest,
+);
+
+fn guest_and_host_ping_each_other(m: &Model) {
+    let tap = m.tap(1);
     // The guest pings the host, says so, then waits for the host to connect once (after
     // its own ping) and powers off.
     let cmd = format!(
@@ -212,7 +259,7 @@ fn guest_and_host_ping_each_other() {
         tap.guest_setup("eth0"),
         tap.host_ip()
     );
-    let mut vm = guest(&cmd).arg("--net").arg(tap.flag()).spawn();
+    let mut vm = guest(&cmd).arg("--net").arg(m.flag(&tap)).spawn();
     vm.wait_for(NET_READY, GUEST_TIMEOUT);
     let ping = host_ping(tap.guest_ip());
     let ping_text = String::from_utf8_lossy(&ping.stdout).into_owned();
@@ -240,11 +287,9 @@ fn guest_and_host_ping_each_other() {
     assert_guest_ok(&out);
 }
 
-#[test]
-fn tcp_payload_arrives_intact_both_ways() {
-    sandboxed!();
+fn tcp_payload_arrives_intact_both_ways(m: &Model) {
     const LEN: usize = 16 << 20;
-    let tap = HostTap::new(102);
+    let tap = m.tap(2);
     let data = payload(LEN);
     let to_guest = TcpListener::bind((tap.host_ip(), 7002)).unwrap();
     let from_guest = TcpListener::bind((tap.host_ip(), 7003)).unwrap();
@@ -260,7 +305,7 @@ fn tcp_payload_arrives_intact_both_ways() {
     );
     let vm = guest(&cmd)
         .arg("--net")
-        .arg(tap.flag())
+        .arg(m.flag(&tap))
         .arg("--memory")
         .arg("512")
         .spawn();
@@ -307,11 +352,9 @@ fn tcp_payload_arrives_intact_both_ways() {
     );
 }
 
-#[test]
-fn two_nics_pass_traffic() {
-    sandboxed!();
-    let a = HostTap::new(103);
-    let b = HostTap::new(104);
+fn two_nics_pass_traffic(m: &Model) {
+    let a = m.tap(3);
+    let b = m.tap(4);
     let cmd = format!(
         "{} && {} && ping -c 2 -W 10 {} && ping -c 2 -W 10 {} && \
          echo mac0=$(cat /sys/class/net/eth0/address) mac1=$(cat /sys/class/net/eth1/address)",
@@ -322,9 +365,9 @@ fn two_nics_pass_traffic() {
     );
     let out = guest(&cmd)
         .arg("--net")
-        .arg(format!("{},mac=02:00:00:00:aa:01", a.flag()))
+        .arg(format!("{},mac=02:00:00:00:aa:01", m.flag(&a)))
         .arg("--net")
-        .arg(b.flag())
+        .arg(m.flag(&b))
         .timeout(GUEST_TIMEOUT)
         .run();
     assert_guest_ok(&out);
@@ -407,13 +450,11 @@ fn frames_for_a_guest_without_receive_buffers_wait_without_spinning() {
     assert_guest_ok(&out);
 }
 
-#[test]
-fn mac_from_the_flag_shows_in_the_guest() {
-    sandboxed!();
-    let tap = HostTap::new(105);
+fn mac_from_the_flag_shows_in_the_guest(m: &Model) {
+    let tap = m.tap(5);
     let out = guest("cat /sys/class/net/eth0/address")
         .arg("--net")
-        .arg(format!("{},mac=52:54:00:12:34:56", tap.flag()))
+        .arg(format!("{},mac=52:54:00:12:34:56", m.flag(&tap)))
         .timeout(GUEST_TIMEOUT)
         .run();
     assert_guest_ok(&out);

@@ -382,7 +382,10 @@ impl Ne2k {
         }
         let padded = frame.len().max(MIN_FRAME);
         let total = padded + 4;
-        let pages = total.div_ceil(PAGE);
+        // Room for the FCS the chip stores after the data (we have none to store): the driver
+        // checks the header's next-page pointer against 1 + (count >> 8), which only
+        // matches a frame laid out with those 4 bytes.
+        let pages = (total + 4).div_ceil(PAGE);
         // Free pages between CURR and BNRY; one page stays empty so CURR never meets BNRY.
         let ring = pstop - pstart;
         let bnry = usize::from(self.bnry).clamp(pstart, pstop - 1);
@@ -391,7 +394,9 @@ impl Ne2k {
         if pages >= free {
             // Real hardware would drop the frame and raise OVW, whose recovery in the driver
             // stops the chip for milliseconds; holding the frame back costs the guest nothing.
+            // The frames in the ring are announced again in case the driver missed them.
             self.rx_blocked = true;
+            self.set_isr(ISR_PRX);
             return RxOutcome::NoSpace;
         }
         let mut next = curr + pages;
@@ -423,6 +428,19 @@ impl Ne2k {
         self.metrics.add_bytes_to_guest(frame.len() as u64);
         self.set_isr(ISR_PRX);
         RxOutcome::Accepted
+    }
+
+    /// Whether the receive ring holds frames the driver has not consumed: the page after
+    /// BNRY (the driver's last read page) is not CURR (the chip's next write page).
+    fn ring_has_frames(&self) -> bool {
+        if self.pstart >= self.pstop || self.cr & CR_STP != 0 {
+            return false;
+        }
+        let mut next = self.bnry.wrapping_add(1);
+        if next >= self.pstop || next < self.pstart {
+            next = self.pstart;
+        }
+        next != self.curr
     }
 
     /// Reads an 8390 register (`offset` 0-15) in the current page.
@@ -474,8 +492,14 @@ impl Ne2k {
             (0, 5) => self.tbcr = (self.tbcr & 0xff00) | u16::from(v),
             (0, 6) => self.tbcr = (self.tbcr & 0x00ff) | u16::from(v) << 8,
             (0, 7) => {
-                // Writing ones acknowledges; RST is read-only.
+                // Writing ones acknowledges; RST is read-only. PRX stays set while the ring
+                // holds frames the driver has not read: a frame that lands between the
+                // driver's last look at CURR and its acknowledgement would otherwise sit
+                // unseen, and with the ring full no new frame would ever announce it.
                 self.isr &= !(v & 0x7f);
+                if self.ring_has_frames() {
+                    self.isr |= ISR_PRX;
+                }
                 self.update_irq();
             }
             (0, 8) => self.rsar = (self.rsar & 0xff00) | u16::from(v),
@@ -809,6 +833,9 @@ mod tests {
             "six pages per 1504-byte frame"
         );
         assert_eq!(h.r(0x07) & ISR_OVW, 0, "no overrun: the frame waits");
+        // The driver acknowledged PRX at some point but the ring is full: PRX stays.
+        h.w(0x07, ISR_PRX);
+        assert_ne!(h.r(0x07) & ISR_PRX, 0, "unread frames keep PRX set");
         assert_eq!(h.space.load(Ordering::SeqCst), 0);
         h.w(0x03, 0x46 + 12);
         assert_eq!(h.space.load(Ordering::SeqCst), 1);
@@ -881,6 +908,25 @@ mod tests {
         );
     }
 
+    /// Linux's ei_receive drops the whole ring when a header's next pointer is not
+    /// 1 + (count >> 8) pages on (or one more): check it for every frame length.
+    #[test]
+    fn next_page_pointer_is_what_the_driver_expects_for_every_length() {
+        for len in 14..=MAX_FRAME {
+            let mut h = H::new();
+            h.init();
+            assert_eq!(h.nic.receive(&frame(MAC, len)), RxOutcome::Accepted);
+            let hdr = h.remote_read(0x4700, 4);
+            let count = usize::from(hdr[2]) | usize::from(hdr[3]) << 8;
+            let expected = 0x47 + 1 + (count >> 8);
+            let next = usize::from(hdr[1]);
+            assert!(
+                next == expected || next == expected + 1,
+                "frame of {len} bytes: count {count}, next {next:#x}, driver expects {expected:#x}"
+            );
+        }
+    }
+
     #[test]
     fn interrupts_follow_the_mask_and_acks() {
         let mut h = H::new();
@@ -891,6 +937,12 @@ mod tests {
         assert_eq!(h.irqs.load(Ordering::SeqCst), before);
         h.w(0x0f, ISR_PRX); // unmasking a pending bit raises the line
         assert_eq!(h.irqs.load(Ordering::SeqCst), before + 1);
+        // Acknowledged before the frame is read: PRX stays, and the line is raised again.
+        h.w(0x07, ISR_PRX);
+        assert_eq!(h.r(0x07) & ISR_PRX, ISR_PRX);
+        assert_eq!(h.irqs.load(Ordering::SeqCst), before + 2);
+        // The driver consumed the frame (BNRY = the page before CURR): the ack clears it.
+        h.w(0x03, 0x47);
         h.w(0x07, ISR_PRX);
         assert_eq!(h.r(0x07) & ISR_PRX, 0);
     }
