@@ -91,7 +91,7 @@ pub trait BlockBackend: Send {
 
 /// Calls `f` on each buffer with the disk offset it starts at, the buffers being contiguous
 /// on the disk from `offset`.
-fn each_buf(
+pub(crate) fn each_buf(
     bufs: &[GuestBuf],
     mut offset: u64,
     mut f: impl FnMut(&GuestBuf, u64) -> io::Result<()>,

@@ -31,7 +31,7 @@ use log::{debug, error, warn};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
@@ -52,6 +52,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// submitting (QEMU's thread pool plays this part). An idle thread costs its stack only.
 const IO_THREADS: usize = 4;
 const SECTOR_SHIFT: u64 = 9;
+/// Most guest buffers one merged write may gather (Linux's UIO_MAXIOV, one pwritev).
+const MAX_MERGED_SEGMENTS: usize = 1024;
 /// `struct virtio_blk_outhdr`: type, ioprio, sector.
 const REQUEST_HEADER_LEN: u32 = 16;
 /// Bytes of configuration space we fill (up to and including `blk_size`).
@@ -67,7 +69,7 @@ pub enum BlockError {
 }
 
 /// Why a request failed, for the log; the guest only sees the status byte.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
     #[error("{0}")]
     Chain(#[from] super::device::ChainError),
@@ -212,13 +214,21 @@ impl Request {
 }
 
 impl DiskOp {
-    /// Does the I/O; returns the bytes written into guest buffers.
+    /// Bytes the guest gets back in its buffers.
+    fn bytes_to_guest(&self) -> u32 {
+        match self {
+            DiskOp::Read { len, .. } => u32::try_from(*len).unwrap_or(u32::MAX),
+            _ => 0,
+        }
+    }
+
+    /// Does the I/O.
     fn run(
         &self,
         backend: &mut dyn BlockBackend,
         mem: &GuestMemoryMmap,
         metrics: &DeviceMetrics,
-    ) -> Result<u32, RequestError> {
+    ) -> Result<(), RequestError> {
         let io_error = |e: io::Error| RequestError::Io(e.to_string());
         match self {
             DiskOp::Read { offset, bufs, len } => {
@@ -226,16 +236,16 @@ impl DiskOp {
                     .read_vectored_to(mem, bufs, *offset)
                     .map_err(io_error)?;
                 metrics.add_bytes_to_guest(*len);
-                Ok(u32::try_from(*len).unwrap_or(u32::MAX))
+                Ok(())
             }
             DiskOp::Write { offset, bufs, len } => {
                 backend
                     .write_vectored_from(mem, bufs, *offset)
                     .map_err(io_error)?;
                 metrics.add_bytes_from_guest(*len);
-                Ok(0)
+                Ok(())
             }
-            DiskOp::Flush => backend.flush().map(|()| 0).map_err(io_error),
+            DiskOp::Flush => backend.flush().map_err(io_error),
         }
     }
 }
@@ -268,8 +278,7 @@ impl ActiveQueue {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Writes the status byte, returns the chain to the driver and interrupts it if it
-    /// wants to know. `status` is None for chains with nowhere to put one.
+    /// Completes one chain; `status` is None for chains with nowhere to put one.
     fn complete(
         &self,
         name: &str,
@@ -277,25 +286,43 @@ impl ActiveQueue {
         status: Option<GuestAddress>,
         result: Result<u32, RequestError>,
     ) {
-        let (status_byte, written) = match result {
-            Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
-            Err(e) => {
-                warn!("{name}: request failed: {e}");
-                (e.status(), 0)
-            }
-        };
-        let used = match status.map(|addr| self.mem.write_obj(status_byte, addr)) {
-            Some(Ok(())) => written + 1,
-            Some(Err(e)) => {
-                warn!("{name}: cannot write the request status: {e}");
-                written
-            }
-            None => written,
-        };
+        self.complete_all(name, [(head, status, result)]);
+    }
+
+    /// Writes each chain's status byte, returns the chains to the driver and interrupts it
+    /// if it wants to know; a result is the number of bytes written into guest buffers.
+    fn complete_all(
+        &self,
+        name: &str,
+        done: impl IntoIterator<Item = (u16, Option<GuestAddress>, Result<u32, RequestError>)>,
+    ) {
+        let used: Vec<(u16, u32)> = done
+            .into_iter()
+            .map(|(head, status, result)| {
+                let (status_byte, written) = match result {
+                    Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
+                    Err(e) => {
+                        warn!("{name}: request failed: {e}");
+                        (e.status(), 0)
+                    }
+                };
+                let used = match status.map(|addr| self.mem.write_obj(status_byte, addr)) {
+                    Some(Ok(())) => written + 1,
+                    Some(Err(e)) => {
+                        warn!("{name}: cannot write the request status: {e}");
+                        written
+                    }
+                    None => written,
+                };
+                (head, used)
+            })
+            .collect();
         let notify = {
             let mut queue = self.lock();
-            if let Err(e) = queue.add_used(&self.mem, head, used) {
-                error!("{name}: cannot complete request {head}: {e}");
+            for &(head, len) in &used {
+                if let Err(e) = queue.add_used(&self.mem, head, len) {
+                    error!("{name}: cannot complete request {head}: {e}");
+                }
             }
             wants_interrupt(&mut queue, &self.mem)
         };
@@ -305,12 +332,59 @@ impl ActiveQueue {
     }
 }
 
-/// A request on its way to an I/O thread.
+/// Requests on their way to an I/O thread: one, or several adjacent writes merged.
 struct Job {
     queue: Arc<ActiveQueue>,
-    head: u16,
-    status: GuestAddress,
     op: DiskOp,
+    /// Head index, status address and bytes to return to the guest, per request.
+    requests: Vec<(u16, GuestAddress, u32)>,
+}
+
+impl Job {
+    fn new(queue: &Arc<ActiveQueue>, head: u16, status: GuestAddress, op: DiskOp) -> Self {
+        let requests = vec![(head, status, op.bytes_to_guest())];
+        Self {
+            queue: queue.clone(),
+            op,
+            requests,
+        }
+    }
+
+    /// Appends `next` when it writes right after this job's writes, so that a sequential
+    /// stream goes out as one pwritev, as QEMU merges requests. Only writes: buffered writes
+    /// to one file take the inode lock in turn anyway, while reads of one file run in
+    /// parallel on the I/O threads.
+    fn merge(&mut self, next: Job) -> Result<(), Job> {
+        match (&mut self.op, &next.op) {
+            (
+                DiskOp::Write { offset, bufs, len },
+                DiskOp::Write {
+                    offset: next_offset,
+                    bufs: next_bufs,
+                    len: next_len,
+                },
+            ) if *offset + *len == *next_offset
+                && bufs.len() + next_bufs.len() <= MAX_MERGED_SEGMENTS
+                && Arc::ptr_eq(&self.queue, &next.queue) =>
+            {
+                bufs.extend_from_slice(next_bufs);
+                *len += next_len;
+                self.requests.extend_from_slice(&next.requests);
+                Ok(())
+            }
+            _ => Err(next),
+        }
+    }
+
+    /// Does the I/O and completes every request of the job.
+    fn run(self, name: &str, backend: &mut dyn BlockBackend) {
+        let result = self.op.run(backend, &self.queue.mem, &self.queue.metrics);
+        let done = self
+            .requests
+            .iter()
+            .map(|&(head, status, written)| (head, Some(status), result.clone().map(|()| written)));
+        self.queue.complete_all(name, done);
+    }
 }
 
 #[derive(Default)]
@@ -397,11 +471,7 @@ impl Pool {
 /// An I/O thread: serves jobs through its own handle on the disk until the pool closes.
 fn serve(name: &str, pool: &Pool, mut backend: Box<dyn BlockBackend>) {
     while let Some(job) = pool.take() {
-        let result = job
-            .op
-            .run(&mut *backend, &job.queue.mem, &job.queue.metrics);
-        job.queue.complete(name, job.head, Some(job.status), result);
-        drop(job);
+        job.run(name, &mut *backend);
         pool.done();
     }
 }
@@ -525,12 +595,29 @@ impl VirtioBlock {
             if let Err(e) = active.lock().disable_notification(&active.mem) {
                 warn!("{}: cannot disable notifications: {e}", self.name);
             }
+            // The last job is held back until the next chain shows whether it continues it.
+            let mut pending: Option<Job> = None;
             loop {
+                // Not in the loop's condition: its temporaries, the lock among them, would
+                // live through the body, which completes requests under the same lock.
                 let chain = active.lock().pop_descriptor_chain(&active.mem);
-                match chain {
-                    Some(chain) => self.dispatch(&active, chain),
-                    None => break,
-                }
+                let Some(chain) = chain else { break };
+                let Some(job) = self.dispatch(&active, chain) else {
+                    continue;
+                };
+                pending = match pending.take() {
+                    None => Some(job),
+                    Some(mut last) => match last.merge(job) {
+                        Ok(()) => Some(last),
+                        Err(job) => {
+                            self.pool.submit(last);
+                            Some(job)
+                        }
+                    },
+                };
+            }
+            if let Some(job) = pending {
+                self.pool.submit(job);
             }
             let more = active.lock().enable_notification(&active.mem);
             match more {
@@ -544,8 +631,9 @@ impl VirtioBlock {
         }
     }
 
-    /// Checks one chain: a bad one, or GET_ID, is completed here; I/O goes to the threads.
-    fn dispatch<M>(&self, active: &Arc<ActiveQueue>, chain: DescriptorChain<M>)
+    /// Checks one chain: a bad one, or GET_ID, is completed here; I/O is returned as a job
+    /// for the threads.
+    fn dispatch<M>(&self, active: &Arc<ActiveQueue>, chain: DescriptorChain<M>) -> Option<Job>
     where
         M: std::ops::Deref,
         M::Target: GuestMemory,
@@ -553,25 +641,47 @@ impl VirtioBlock {
         let head = chain.head_index();
         let descs = match read_chain(chain, QUEUE_SIZE) {
             Ok(d) => d,
-            Err(e) => return active.complete(&self.name, head, None, Err(e.into())),
+            Err(e) => {
+                active.complete(&self.name, head, None, Err(e.into()));
+                return None;
+            }
         };
         let (req, status) = match parse(&descs, &active.mem) {
             Ok(parsed) => parsed,
-            Err((e, status)) => return active.complete(&self.name, head, status, Err(e)),
-        };
-        match req.into_op(self.readonly, self.size) {
-            Ok(Op::Disk(op)) => self.pool.submit(Job {
-                queue: active.clone(),
-                head,
-                status,
-                op,
-            }),
-            Ok(Op::GetId(bufs)) => {
-                let result = write_id(&self.device_id, &bufs, &active.mem);
-                active.complete(&self.name, head, Some(status), result);
+            Err((e, status)) => {
+                active.complete(&self.name, head, status, Err(e));
+                return None;
             }
-            Err(e) => active.complete(&self.name, head, Some(status), Err(e)),
-        }
+        };
+        let result = match req.into_op(self.readonly, self.size) {
+            Ok(Op::Disk(op)) => match check_buffers(&op, &active.mem) {
+                // Checked here so that a bad buffer fails its own request only, even merged.
+                Ok(()) => return Some(Job::new(active, head, status, op)),
+                Err(e) => Err(e),
+            },
+            Ok(Op::GetId(bufs)) => write_id(&self.device_id, &bufs, &active.mem),
+            Err(e) => Err(e),
+        };
+        active.complete(&self.name, head, Some(status), result);
+        None
+    }
+}
+
+/// Checks that a request's buffers are all in guest memory.
+fn check_buffers(op: &DiskOp, mem: &GuestMemoryMmap) -> Result<(), RequestError> {
+    let bufs = match op {
+        DiskOp::Read { bufs, .. } | DiskOp::Write { bufs, .. } => bufs,
+        DiskOp::Flush => return Ok(()),
+    };
+    match bufs
+        .iter()
+        .find(|b| !GuestMemoryBackend::check_range(mem, b.addr, b.len))
+    {
+        Some(b) => Err(RequestError::Memory(format!(
+            "{} bytes at {:#x} are not all guest memory",
+            b.len, b.addr.0
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -689,7 +799,7 @@ impl MutEventSubscriber for VirtioBlock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::disk::guest_io_error;
+    use crate::devices::disk::{each_buf, guest_io_error};
     use crate::devices::virtio::device::test_utils::{guest_memory, DATA_START};
     use crate::devices::virtio::device::VirtioInterrupt;
     use std::sync::Condvar;
@@ -757,10 +867,17 @@ mod tests {
         flushed_data: Arc<Mutex<Vec<Vec<u8>>>>,
         fail_flush: bool,
         gate: Option<Arc<Gate>>,
+        /// (write?, offset, buffers) of each vectored transfer.
+        transfers: Arc<Mutex<Vec<(bool, u64, usize)>>>,
         mem: Option<GuestMemoryMmap>,
     }
 
     impl MemDisk {
+        fn record(&self, write: bool, offset: u64, bufs: &[GuestBuf]) {
+            let mut t = self.transfers.lock().unwrap();
+            t.push((write, offset, bufs.len()));
+        }
+
         fn pass_gate(&self) {
             if let Some(g) = &self.gate {
                 g.pass();
@@ -824,6 +941,26 @@ mod tests {
         }
         fn try_clone(&self) -> io::Result<Box<dyn BlockBackend>> {
             Ok(Box::new(self.clone()))
+        }
+        fn read_vectored_to(
+            &mut self,
+            mem: &GuestMemoryMmap,
+            bufs: &[GuestBuf],
+            offset: u64,
+        ) -> io::Result<()> {
+            self.record(false, offset, bufs);
+            each_buf(bufs, offset, |b, at| self.read_to(mem, b.addr, at, b.len))
+        }
+        fn write_vectored_from(
+            &mut self,
+            mem: &GuestMemoryMmap,
+            bufs: &[GuestBuf],
+            offset: u64,
+        ) -> io::Result<()> {
+            self.record(true, offset, bufs);
+            each_buf(bufs, offset, |b, at| {
+                self.write_from(mem, b.addr, at, b.len)
+            })
         }
     }
 
@@ -1266,10 +1403,11 @@ mod tests {
     fn reset_waits_for_requests_in_flight_and_queued() {
         let (mut h, gate) = gated_harness();
         let vq = MockSplitQueue::create(&h.mem, GuestAddress(0), QUEUE_SIZE);
-        // More writes than threads: some wait in the pool's queue.
+        // More writes than threads: some wait in the pool's queue. Every other sector, so
+        // that they are not merged.
         let n = IO_THREADS as u16 + 2;
         let reqs: Vec<_> = (0..u64::from(n))
-            .map(|i| (VIRTIO_BLK_T_OUT, i, 512))
+            .map(|i| (VIRTIO_BLK_T_OUT, 2 * i, 512))
             .collect();
         queue_requests(&vq, &h.mem, 0, &reqs);
         activate(&mut h.dev, &h.mem, &h.irq, vq.create_queue().unwrap());
@@ -1288,7 +1426,7 @@ mod tests {
         let data = h.disk.data.lock().unwrap();
         for i in 0..n {
             assert_eq!(status_of(&h.mem, i), S_OK);
-            let sector = &data[usize::from(i) * 512..][..512];
+            let sector = &data[usize::from(i) * 1024..][..512];
             assert!(sector.iter().all(|&b| b == 0xa0 + i as u8), "write {i}");
         }
         drop(data);
@@ -1308,7 +1446,7 @@ mod tests {
         } = h;
         let vq = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE);
         let reqs: Vec<_> = (0..IO_THREADS as u64 + 2)
-            .map(|i| (VIRTIO_BLK_T_OUT, i, 512))
+            .map(|i| (VIRTIO_BLK_T_OUT, 2 * i, 512))
             .collect();
         queue_requests(&vq, &mem, 0, &reqs);
         activate(&mut dev, &mem, &irq, vq.create_queue().unwrap());
@@ -1318,7 +1456,7 @@ mod tests {
         drop(dev);
         let data = disk.data.lock().unwrap();
         for i in 0..reqs.len() {
-            assert!(data[i * 512..][..512].iter().all(|&b| b == 0xa0 + i as u8));
+            assert!(data[i * 1024..][..512].iter().all(|&b| b == 0xa0 + i as u8));
         }
         assert_eq!(used_heads(&vq).len(), reqs.len());
     }
@@ -1352,5 +1490,58 @@ mod tests {
         assert_eq!(used_heads(&vq).len(), 6);
         assert!(h.irq.read().is_err(), "no interrupt was raised");
         assert_eq!(h.dev.metrics.interrupts(), 1);
+    }
+
+    #[test]
+    fn adjacent_writes_are_merged_and_each_completed() {
+        let mut h = harness(false);
+        let vq = MockSplitQueue::create(&h.mem, GuestAddress(0), QUEUE_SIZE);
+        let reqs = [
+            (VIRTIO_BLK_T_OUT, 4, 512),
+            (VIRTIO_BLK_T_OUT, 5, 1024),
+            (VIRTIO_BLK_T_OUT, 7, 512),
+            // Not adjacent: a job of its own.
+            (VIRTIO_BLK_T_OUT, 10, 512),
+            // Reads are never merged.
+            (VIRTIO_BLK_T_IN, 20, 512),
+            (VIRTIO_BLK_T_IN, 21, 512),
+            // A write past the end fails alone.
+            (VIRTIO_BLK_T_OUT, DISK_SIZE / 512, 512),
+        ];
+        queue_requests(&vq, &h.mem, 0, &reqs);
+        activate(&mut h.dev, &h.mem, &h.irq, vq.create_queue().unwrap());
+        h.dev.process_queue();
+        h.dev.pool.drain();
+        let mut transfers = h.disk.transfers.lock().unwrap().clone();
+        transfers.sort_unstable();
+        assert_eq!(
+            transfers,
+            vec![
+                (false, 20 * 512, 1),
+                (false, 21 * 512, 1),
+                (true, 4 * 512, 3),
+                (true, 10 * 512, 1)
+            ]
+        );
+        let mut heads = used_heads(&vq);
+        heads.sort_unstable();
+        assert_eq!(heads, vec![0, 3, 6, 9, 12, 15, 18]);
+        for i in 0..6 {
+            assert_eq!(status_of(&h.mem, i), S_OK, "request {i}");
+        }
+        assert_eq!(status_of(&h.mem, 6), S_IOERR);
+        // Each request's own used length: reads their data, writes the status byte only.
+        for i in 0..7 {
+            let e = vq.used().ring().ref_at(i).unwrap().load();
+            let want = if e.id() == 12 || e.id() == 15 { 513 } else { 1 };
+            assert_eq!(e.len(), want, "chain {}", e.id());
+        }
+        let d = h.disk.data.lock().unwrap();
+        assert!(d[4 * 512..5 * 512].iter().all(|&b| b == 0xa0));
+        assert!(d[5 * 512..7 * 512].iter().all(|&b| b == 0xa1));
+        assert!(d[7 * 512..8 * 512].iter().all(|&b| b == 0xa2));
+        assert!(d[10 * 512..11 * 512].iter().all(|&b| b == 0xa3));
+        assert_eq!(h.dev.metrics.bytes_from_guest(), 512 * 5);
+        assert_eq!(h.dev.metrics.bytes_to_guest(), 1024);
     }
 }

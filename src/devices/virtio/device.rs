@@ -144,7 +144,7 @@ pub fn take_notifications(evt: &EventFd, metrics: &DeviceMetrics) {
 }
 
 /// What is wrong with a descriptor chain as a whole.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
     #[error("descriptor chain loops or is longer than the queue ({0} descriptors)")]
     TooLong(u16),
@@ -205,8 +205,8 @@ impl DeviceState {
 }
 
 /// Whether the driver wants an interrupt for what was added to the used ring since the last
-/// call (virtio 1.x 2.7.10: `used_event` with EVENT_IDX, else always); when the ring cannot
-/// be read, yes.
+/// call (virtio 1.x "Used Buffer Notification Suppression": `used_event` with EVENT_IDX,
+/// else always); when the ring cannot be read, yes.
 pub fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
     queue.needs_notification(mem).unwrap_or_else(|e| {
         log::warn!("virtio: cannot read the used event of a queue: {e}; notifying");
