@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -59,8 +59,55 @@ pub trait BlockBackend: Send {
         offset: u64,
         len: usize,
     ) -> io::Result<()>;
-    /// Makes everything written so far durable.
+    /// Makes everything written so far durable, through any handle on this disk.
     fn flush(&mut self) -> io::Result<()>;
+    /// Reads one request's worth of data at `offset` into guest buffers, one after the other.
+    fn read_vectored_to(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &[GuestBuf],
+        offset: u64,
+    ) -> io::Result<()> {
+        each_buf(bufs, offset, |b, at| self.read_to(mem, b.addr, at, b.len))
+    }
+    /// Writes the guest buffers, one after the other, at `offset`.
+    fn write_vectored_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &[GuestBuf],
+        offset: u64,
+    ) -> io::Result<()> {
+        each_buf(bufs, offset, |b, at| {
+            self.write_from(mem, b.addr, at, b.len)
+        })
+    }
+    /// Another handle on the same disk, for a thread of its own: I/O through either handle
+    /// reaches the same data, and `flush` on either covers writes done through both.
+    /// Backends that cannot be shared say `Unsupported`; their requests then run one at a time.
+    fn try_clone(&self) -> io::Result<Box<dyn BlockBackend>> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// Calls `f` on each buffer with the disk offset it starts at, the buffers being contiguous
+/// on the disk from `offset`.
+pub(crate) fn each_buf(
+    bufs: &[GuestBuf],
+    mut offset: u64,
+    mut f: impl FnMut(&GuestBuf, u64) -> io::Result<()>,
+) -> io::Result<()> {
+    for b in bufs {
+        f(b, offset)?;
+        offset += b.len as u64;
+    }
+    Ok(())
+}
+
+/// A guest buffer of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestBuf {
+    pub addr: GuestAddress,
+    pub len: usize,
 }
 
 /// A raw image file.
@@ -122,9 +169,7 @@ impl BlockBackend for RawFile {
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
-        self.file.seek(SeekFrom::Start(offset))?;
-        mem.read_exact_volatile_from(addr, &mut self.file, len)
-            .map_err(guest_io_error)
+        self.read_vectored_to(mem, &[GuestBuf { addr, len }], offset)
     }
 
     fn write_from(
@@ -134,14 +179,130 @@ impl BlockBackend for RawFile {
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
-        self.file.seek(SeekFrom::Start(offset))?;
-        mem.write_all_volatile_to(addr, &mut self.file, len)
-            .map_err(guest_io_error)
+        self.write_vectored_from(mem, &[GuestBuf { addr, len }], offset)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    fn read_vectored_to(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &[GuestBuf],
+        offset: u64,
+    ) -> io::Result<()> {
+        guest_io_at(&self.file, mem, bufs, offset, Direction::FileToGuest)
+    }
+
+    fn write_vectored_from(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        bufs: &[GuestBuf],
+        offset: u64,
+    ) -> io::Result<()> {
+        guest_io_at(&self.file, mem, bufs, offset, Direction::GuestToFile)
+    }
+
+    /// A duplicated descriptor: every access is positional, so the shared file offset of
+    /// the two descriptors never matters.
+    fn try_clone(&self) -> io::Result<Box<dyn BlockBackend>> {
+        Ok(Box::new(Self {
+            file: self.file.try_clone()?,
+            size: self.size,
+        }))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    FileToGuest,
+    GuestToFile,
+}
+
+/// At most this many buffers per preadv/pwritev (Linux's UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
+
+/// Moves data between the file at `offset` and guest buffers with preadv/pwritev: one
+/// system call for a whole request whatever its number of segments, no bounce buffer, and
+/// no file offset shared between the threads that use duplicates of the descriptor.
+fn guest_io_at(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    bufs: &[GuestBuf],
+    mut offset: u64,
+    direction: Direction,
+) -> io::Result<()> {
+    // A buffer may span two guest memory regions: one host slice per region.
+    let mut slices = Vec::with_capacity(bufs.len());
+    for b in bufs {
+        for slice in mem.get_slices(b.addr, b.len) {
+            let slice = slice.map_err(guest_io_error)?;
+            if !slice.is_empty() {
+                slices.push(slice);
+            }
+        }
+    }
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let mut iovs: Vec<libc::iovec> = guards
+        .iter()
+        .zip(&slices)
+        .map(|(g, s)| libc::iovec {
+            iov_base: g.as_ptr().cast(),
+            iov_len: s.len(),
+        })
+        .collect();
+    let mut next = 0;
+    while next < iovs.len() {
+        let batch = &iovs[next..iovs.len().min(next + IOV_MAX)];
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let count = batch.len() as libc::c_int;
+        let done = match direction {
+            // SAFETY: every iovec points into a slice of `mem` that get_slices bounds-checked
+            // against a mapped guest region; `slices` and `guards` keep those mappings and
+            // pointers alive until after the call, and the kernel writes at most iov_len bytes
+            // into each. The guest may touch the same memory meanwhile, which is the
+            // volatile-memory contract vm-memory's own read_volatile works under.
+            Direction::FileToGuest => unsafe {
+                libc::preadv(file.as_raw_fd(), batch.as_ptr(), count, off)
+            },
+            // SAFETY: as above; the kernel only reads from the iovecs.
+            Direction::GuestToFile => unsafe {
+                libc::pwritev(file.as_raw_fd(), batch.as_ptr(), count, off)
+            },
+        };
+        let mut done = match done {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            0 => {
+                return Err(match direction {
+                    Direction::FileToGuest => io::ErrorKind::UnexpectedEof.into(),
+                    Direction::GuestToFile => io::ErrorKind::WriteZero.into(),
+                })
+            }
+            n => n as usize,
+        };
+        offset += done as u64;
+        // Skip what was transferred: whole iovecs, then part of the next one.
+        while done > 0 {
+            let iov = &mut iovs[next];
+            if done >= iov.iov_len {
+                done -= iov.iov_len;
+                next += 1;
+            } else {
+                iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(done).cast();
+                iov.iov_len -= done;
+                done = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl AsRawFd for RawFile {
@@ -153,6 +314,7 @@ impl AsRawFd for RawFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     #[test]
     fn raw_file_backend_reads_writes_and_flushes() {
@@ -180,6 +342,53 @@ mod tests {
             disk.read_at(8000, &mut back).is_err(),
             "short read past EOF"
         );
+    }
+
+    fn buf(addr: u64, len: usize) -> GuestBuf {
+        GuestBuf {
+            addr: GuestAddress(addr),
+            len,
+        }
+    }
+
+    #[test]
+    fn raw_file_vectored_io_spans_buffers_regions_and_clones() {
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        f.as_file().set_len(16384).unwrap();
+        let mut disk = RawFile::open(f.as_path(), false).unwrap();
+        // Two regions, so the buffer at 0xff00 is backed by two host mappings.
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ])
+        .unwrap();
+        let pattern: Vec<u8> = (0..1536u32).map(|i| (i % 251) as u8).collect();
+        mem.write_slice(&pattern[..512], GuestAddress(0x1000))
+            .unwrap();
+        mem.write_slice(&pattern[512..], GuestAddress(0xff00))
+            .unwrap();
+        let bufs = [buf(0x1000, 512), buf(0xff00, 1024)];
+        disk.write_vectored_from(&mem, &bufs, 4096).unwrap();
+        let mut back = vec![0u8; 1536];
+        disk.read_at(4096, &mut back).unwrap();
+        assert_eq!(back, pattern);
+
+        // A clone reads what the first handle wrote, into other buffers, at its own offset.
+        let mut clone = disk.try_clone().unwrap();
+        let bufs = [buf(0x8000, 1024), buf(0x2000, 512)];
+        clone.read_vectored_to(&mem, &bufs, 4096).unwrap();
+        let mut got = vec![0u8; 1536];
+        mem.read_slice(&mut got[..1024], GuestAddress(0x8000))
+            .unwrap();
+        mem.read_slice(&mut got[1024..], GuestAddress(0x2000))
+            .unwrap();
+        assert_eq!(got, pattern);
+        clone.flush().unwrap();
+
+        // Past the end of the file, or of guest memory: an error, not a short transfer.
+        assert!(clone.read_vectored_to(&mem, &bufs, 16384 - 512).is_err());
+        let outside = [buf(0x1_ff00, 512)];
+        assert!(clone.write_vectored_from(&mem, &outside, 0).is_err());
     }
 
     #[test]

@@ -144,7 +144,7 @@ pub fn take_notifications(evt: &EventFd, metrics: &DeviceMetrics) {
 }
 
 /// What is wrong with a descriptor chain as a whole.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
     #[error("descriptor chain loops or is longer than the queue ({0} descriptors)")]
     TooLong(u16),
@@ -198,16 +198,20 @@ impl DeviceState {
 
     /// Signals the driver if the queue's notification suppression allows it.
     pub fn notify_if_needed(&mut self, queue: usize) {
-        let mem = &self.mem;
-        match self.queues[queue].needs_notification(mem) {
-            Ok(true) => self.interrupt.signal_used_queue(),
-            Ok(false) => {}
-            Err(e) => {
-                log::warn!("virtio: cannot read the used event of queue {queue}: {e}; notifying");
-                self.interrupt.signal_used_queue();
-            }
+        if wants_interrupt(&mut self.queues[queue], &self.mem) {
+            self.interrupt.signal_used_queue();
         }
     }
+}
+
+/// Whether the driver wants an interrupt for what was added to the used ring since the last
+/// call (virtio 1.x "Used Buffer Notification Suppression": `used_event` with EVENT_IDX,
+/// else always); when the ring cannot be read, yes.
+pub fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    queue.needs_notification(mem).unwrap_or_else(|e| {
+        log::warn!("virtio: cannot read the used event of a queue: {e}; notifying");
+        true
+    })
 }
 
 #[cfg(test)]
