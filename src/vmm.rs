@@ -31,6 +31,7 @@ use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
 use crate::devices::virtio::{VirtioBlock, VirtioConsole};
 use crate::devices::{Bus, DeviceEventManager};
 use crate::terminal::RawTerminal;
+use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
 use crate::vstate::vcpu::{
     register_kick_handler, GuestExit, Vcpu, VcpuError, VcpuHandle, VmRunState,
@@ -108,6 +109,8 @@ pub enum VmmError {
     Signals(#[source] vmm_sys_util::errno::Error),
     #[error("Failed to change the signal mask: {0}")]
     SignalMask(String),
+    #[error("Failed to map KVM's coalesced I/O ring")]
+    CoalescedRing(#[source] std::io::Error),
     #[error("Failed to create an eventfd")]
     EventFd(#[source] std::io::Error),
 }
@@ -314,6 +317,13 @@ impl Vmm {
             let vcpu = Vcpu::new(id, vm.create_vcpu(id)?);
             vcpu.configure(&cpuid, cfg.vcpus, &mem, &entry)?;
             vcpus.push(vcpu);
+        }
+        if devices.uses_coalesced_pio() {
+            let ring =
+                Arc::new(CoalescedRing::map(vcpus[0].fd()).map_err(VmmError::CoalescedRing)?);
+            for v in &mut vcpus {
+                v.set_coalesced_ring(ring.clone());
+            }
         }
 
         let run_state = Arc::new(VmRunState::new(cfg.vcpus).map_err(VmmError::EventFd)?);

@@ -173,6 +173,22 @@ impl Bus {
         true
     }
 
+    /// Applies a write KVM coalesced (no exit happened): dispatched like a write, counted
+    /// as coalesced, not as an exit.
+    pub fn write_coalesced(&self, addr: u64, data: &[u8]) -> bool {
+        let Some((offset, entry)) = self.resolve(addr, data.len()) else {
+            return false;
+        };
+        let mut dev = lock(&entry.device);
+        dev.write(offset, data);
+        let served_by = dev.served_by();
+        drop(dev);
+        if let Some(m) = entry.metrics.as_ref().or(served_by.as_ref()) {
+            m.add_coalesced();
+        }
+        true
+    }
+
     fn record(
         &self,
         entry: &Entry,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::IoEventAddress;
-use log::info;
+use log::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
@@ -75,6 +75,8 @@ pub struct DeviceManager {
     mmio_slots_used: u64,
     metrics: MetricsRegistry,
     pci: Option<PciState>,
+    /// Whether a device had KVM coalesce writes to one of its ports.
+    coalesced_pio: bool,
 }
 
 impl Default for DeviceManager {
@@ -93,6 +95,7 @@ impl DeviceManager {
             mmio_slots_used: 0,
             metrics: MetricsRegistry::new(),
             pci: None,
+            coalesced_pio: false,
         }
     }
 
@@ -271,6 +274,14 @@ impl DeviceManager {
         pci.irqs.push(PciIrq { slot, irq });
         pci.next_slot += 1;
         pci.next_io += PCI_IO_BAR_STRIDE;
+        // The data port takes a frame as hundreds of `outsl` words, each an exit of its own
+        // (KVM batches string input, not output); coalesced, they cost none until the driver
+        // polls ISR for the end of the DMA, which drains them first.
+        let (data, len) = ne2k::COALESCED_PORTS;
+        match vm.coalesce_pio(io_base + data, len) {
+            Ok(()) => self.coalesced_pio = true,
+            Err(e) => warn!("{name}: data port writes will each exit: {e}"),
+        }
         let rx = Ne2kTap::new(nic, tap, rx_space);
         event_manager.add_subscriber(Arc::new(Mutex::new(Metered::new(
             Arc::new(Mutex::new(rx)),
@@ -376,6 +387,11 @@ impl DeviceManager {
     /// Kernel command line parameters the attached devices need.
     pub fn cmdline_extra(&self) -> &[String] {
         &self.cmdline_extra
+    }
+
+    /// Whether the vCPUs must drain KVM's coalesced ring.
+    pub fn uses_coalesced_pio(&self) -> bool {
+        self.coalesced_pio
     }
 
     /// PCI INTx routing for the MP table; None when the VM has no PCI bus.

@@ -61,6 +61,7 @@ pub struct DeviceMetrics {
     registers: Mutex<BTreeMap<(Space, u64), RegisterCount>>,
     exits: AtomicU64,
     notifications: AtomicU64,
+    coalesced: AtomicU64,
     interrupts: AtomicU64,
     bytes_to_guest: AtomicU64,
     bytes_from_guest: AtomicU64,
@@ -78,6 +79,7 @@ impl DeviceMetrics {
             registers: Mutex::new(BTreeMap::new()),
             exits: AtomicU64::new(0),
             notifications: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
             interrupts: AtomicU64::new(0),
             bytes_to_guest: AtomicU64::new(0),
             bytes_from_guest: AtomicU64::new(0),
@@ -116,6 +118,11 @@ impl DeviceMetrics {
         self.notifications.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// A write KVM recorded in the coalesced ring (no exit to userspace), applied now.
+    pub fn add_coalesced(&self) {
+        self.coalesced.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn add_interrupt(&self) {
         self.interrupts.fetch_add(1, Ordering::Relaxed);
     }
@@ -142,6 +149,9 @@ impl DeviceMetrics {
     pub fn notifications(&self) -> u64 {
         self.notifications.load(Ordering::Relaxed)
     }
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
+    }
     pub fn interrupts(&self) -> u64 {
         self.interrupts.load(Ordering::Relaxed)
     }
@@ -164,13 +174,14 @@ impl DeviceMetrics {
         let _ = write!(
             out,
             "{{\"name\":{},\"model\":{},\"class\":{},\"exits\":{},\"notifications\":{},\
-             \"interrupts\":{},\"bytes_to_guest\":{},\"bytes_from_guest\":{},\
+             \"coalesced\":{},\"interrupts\":{},\"bytes_to_guest\":{},\"bytes_from_guest\":{},\
              \"vcpu_handling_ns\":{},\"event_loop_ns\":{},\"registers\":[",
             json_str(&self.name),
             json_str(self.model),
             json_str(self.class),
             self.exits(),
             self.notifications(),
+            self.coalesced(),
             self.interrupts(),
             self.bytes_to_guest(),
             self.bytes_from_guest(),
@@ -318,7 +329,7 @@ mod tests {
         m.add_notifications(3);
         let json = reg.to_json();
         assert!(json.contains("\"name\":\"ide0 \\\"x\\\"\""), "{json}");
-        assert!(json.contains("\"exits\":3,\"notifications\":3,\"interrupts\":1,\"bytes_to_guest\":512,\"bytes_from_guest\":0,\"vcpu_handling_ns\":16"), "{json}");
+        assert!(json.contains("\"exits\":3,\"notifications\":3,\"coalesced\":0,\"interrupts\":1,\"bytes_to_guest\":512,\"bytes_from_guest\":0,\"vcpu_handling_ns\":16"), "{json}");
         assert!(json.contains("{\"space\":\"pio\",\"address\":\"0x1f0\",\"register\":\"data\",\"reads\":1,\"writes\":1}"), "{json}");
         assert!(json.contains("{\"space\":\"pio\",\"address\":\"0x1f7\",\"register\":\"\",\"reads\":1,\"writes\":0}"), "{json}");
     }

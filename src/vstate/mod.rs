@@ -1,5 +1,6 @@
 //! VM state: guest memory, the KVM VM and its vCPUs.
 
+pub mod coalesced;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;

@@ -23,6 +23,7 @@ use crate::arch::x86_64::boot::KernelEntry;
 use crate::arch::x86_64::cpuid::filter_cpuid;
 use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_common, RegsError};
 use crate::devices::bus::Bus;
+use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// RFLAGS.IF: interrupts enabled.
@@ -255,6 +256,7 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
 pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
+    coalesced: Option<Arc<CoalescedRing>>,
 }
 
 /// A running vCPU thread.
@@ -281,7 +283,20 @@ impl VcpuHandle {
 
 impl Vcpu {
     pub fn new(id: u8, fd: VcpuFd) -> Self {
-        Self { id, fd }
+        Self {
+            id,
+            fd,
+            coalesced: None,
+        }
+    }
+
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// Drains `ring` before handling each exit (see `vstate::coalesced`).
+    pub fn set_coalesced_ring(&mut self, ring: Arc<CoalescedRing>) {
+        self.coalesced = Some(ring);
     }
 
     /// CPUID, MSRs and LAPIC for every vCPU; boot registers for the boot vCPU (the others
@@ -336,7 +351,18 @@ impl Vcpu {
                 return None;
             }
             let action = match self.fd.run() {
-                Ok(exit) => handle_exit(id, exit, current_pio_size(), pio, mmio),
+                Ok(exit) => {
+                    // Writes KVM held back happened before this exit: apply them first.
+                    if let Some(ring) = &self.coalesced {
+                        ring.drain(|w| {
+                            let bus = if w.pio { pio } else { mmio };
+                            if !bus.write_coalesced(w.addr, &w.data) {
+                                debug!("vCPU {id}: coalesced write to {:#x} unclaimed", w.addr);
+                            }
+                        });
+                    }
+                    handle_exit(id, exit, current_pio_size(), pio, mmio)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     if state.stopping() {

@@ -72,6 +72,12 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("Failed to let KVM coalesce writes to port {port:#x}")]
+    Coalesced {
+        port: u16,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// A KVM VM with its in-kernel IOAPIC, PIC and PIT.
@@ -158,6 +164,14 @@ impl KvmVm {
         self.fd
             .create_vcpu(u64::from(id))
             .map_err(|e| VmError::Kvm("create a vCPU", e))
+    }
+
+    /// Lets KVM record guest writes to ports `[port, port + len)` in the coalesced ring
+    /// instead of exiting (see `vstate::coalesced`).
+    pub fn coalesce_pio(&self, port: u16, len: u32) -> Result<(), VmError> {
+        self.fd
+            .register_coalesced_mmio(kvm_ioctls::IoEventAddress::Pio(u64::from(port)), len)
+            .map_err(|source| VmError::Coalesced { port, source })
     }
 
     /// Makes writes to `evt` raise `gsi` in the in-kernel irqchip.

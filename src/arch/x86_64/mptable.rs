@@ -44,10 +44,10 @@ const MP_IRQFLAG_DEFAULT: u16 = 0;
 /// level/low by default, but our PCI devices raise edges, and their drivers loop on the
 /// device's status until nothing is pending, so no interrupt is lost.
 const MP_IRQFLAG_EDGE_HIGH: u16 = 0x5;
-const BUS_ID_ISA: u8 = 0;
 const BUS_TYPE_ISA: &[u8; 6] = b"ISA   ";
-/// PCI bus 0 appears as MP bus 1 (MP bus ids need not match PCI bus numbers).
-const BUS_ID_PCI: u8 = 1;
+/// Linux looks PCI interrupts up by MP bus id = PCI bus number (`IO_APIC_get_PCI_irq_vector`),
+/// so with a PCI bus it is MP bus 0 and ISA moves to 1.
+const BUS_ID_PCI: u8 = 0;
 const BUS_TYPE_PCI: &[u8; 6] = b"PCI   ";
 
 /// A PCI function's INTA# routed to an IOAPIC pin.
@@ -67,6 +67,11 @@ pub enum MptableError {
     Write(#[source] vm_memory::GuestMemoryError),
 }
 
+/// MP bus id of the ISA bus: 1 when PCI bus 0 takes id 0.
+fn isa_bus_id(with_pci: bool) -> u8 {
+    u8::from(with_pci)
+}
+
 /// APIC id of the IOAPIC: after the CPUs' ids so the two never clash.
 pub fn ioapic_id(num_cpus: u8) -> u8 {
     num_cpus + 1
@@ -76,6 +81,7 @@ pub fn ioapic_id(num_cpus: u8) -> u8 {
 /// With `pci_irqs` (possibly empty but for a PCI bus), a PCI bus and its INTx routing appear.
 pub fn build(num_cpus: u8, pci_irqs: Option<&[PciIrq]>, base: u64) -> Vec<u8> {
     let ioapic = ioapic_id(num_cpus);
+    let isa = isa_bus_id(pci_irqs.is_some());
     let mut entries = Vec::new();
     let mut count: u16 = 0;
 
@@ -88,14 +94,14 @@ pub fn build(num_cpus: u8, pci_irqs: Option<&[PciIrq]>, base: u64) -> Vec<u8> {
         count += 1;
     }
 
-    entries.extend_from_slice(&[MP_BUS, BUS_ID_ISA]);
-    entries.extend_from_slice(BUS_TYPE_ISA);
-    count += 1;
     if pci_irqs.is_some() {
         entries.extend_from_slice(&[MP_BUS, BUS_ID_PCI]);
         entries.extend_from_slice(BUS_TYPE_PCI);
         count += 1;
     }
+    entries.extend_from_slice(&[MP_BUS, isa]);
+    entries.extend_from_slice(BUS_TYPE_ISA);
+    count += 1;
 
     entries.extend_from_slice(&[MP_IOAPIC, ioapic, IOAPIC_VERSION, MPC_APIC_USABLE]);
     entries.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
@@ -107,7 +113,7 @@ pub fn build(num_cpus: u8, pci_irqs: Option<&[PciIrq]>, base: u64) -> Vec<u8> {
         entries.push(MP_INTSRC);
         entries.push(MP_IRQTYPE_INT);
         entries.extend_from_slice(&MP_IRQFLAG_DEFAULT.to_le_bytes());
-        entries.extend_from_slice(&[BUS_ID_ISA, pin, ioapic, pin]);
+        entries.extend_from_slice(&[isa, pin, ioapic, pin]);
         count += 1;
     }
     // PCI source "IRQ" is (device << 2) | pin, pin 0 = INTA# (MP spec D.3).
@@ -124,7 +130,7 @@ pub fn build(num_cpus: u8, pci_irqs: Option<&[PciIrq]>, base: u64) -> Vec<u8> {
         entries.push(MP_LINTSRC);
         entries.push(kind);
         entries.extend_from_slice(&MP_IRQFLAG_DEFAULT.to_le_bytes());
-        entries.extend_from_slice(&[BUS_ID_ISA, 0, dest_apic, lint]);
+        entries.extend_from_slice(&[isa, 0, dest_apic, lint]);
         count += 1;
     }
 
@@ -272,7 +278,15 @@ mod tests {
         let entries = parse_entries(&b[16..]);
         let buses: Vec<_> = entries.iter().filter(|(t, _)| *t == MP_BUS).collect();
         assert_eq!(buses.len(), 2);
-        assert_eq!(&buses[1].1[1..8], b"\x01PCI   ");
+        // PCI bus 0 must be MP bus 0: Linux matches the MP bus id to the PCI bus number.
+        assert_eq!(&buses[0].1[1..8], b"\x00PCI   ");
+        assert_eq!(&buses[1].1[1..8], b"\x01ISA   ");
+        // ISA interrupts then come from bus 1.
+        let com1 = entries
+            .iter()
+            .find(|(t, e)| *t == MP_INTSRC && e[5] == 4 && e[4] != BUS_ID_PCI)
+            .unwrap();
+        assert_eq!(com1.1[4], 1);
         let pci: Vec<_> = entries
             .iter()
             .filter(|(t, e)| *t == MP_INTSRC && e[4] == BUS_ID_PCI)
@@ -283,7 +297,7 @@ mod tests {
         let b = build(1, None, MPTABLE_START);
         assert!(!parse_entries(&b[16..])
             .iter()
-            .any(|(t, e)| *t == MP_BUS && e[1] == BUS_ID_PCI));
+            .any(|(t, e)| *t == MP_BUS && &e[2..8] == BUS_TYPE_PCI));
     }
 
     #[test]

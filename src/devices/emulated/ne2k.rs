@@ -63,6 +63,10 @@ const MIN_FRAME: usize = 60;
 // BAR0 layout (ne2k-pci.c): the 8390 registers, the data port, the reset port.
 const DATA_PORT: u64 = 0x10;
 const RESET_PORT: u64 = 0x1f;
+/// The data port (offset and length in BAR0), whose writes may be coalesced by KVM: during a
+/// remote write they only fill buffer memory, which the guest cannot see before it reads a
+/// register (ISR for RDC, or the data port itself), an exit that applies them first.
+pub const COALESCED_PORTS: (u16, u32) = (DATA_PORT as u16, 8);
 /// Size of the I/O BAR.
 pub const BAR_SIZE: u32 = 0x20;
 
