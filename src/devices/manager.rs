@@ -210,6 +210,11 @@ impl DeviceManager {
                     Some(metrics),
                 )
                 .map_err(|e| DeviceError::Bus("IDE control block", e))?;
+            let (data, len) = ide::COALESCED_DATA_PORT;
+            match vm.coalesce_pio(port + data, len) {
+                Ok(()) => self.coalesced_pio = true,
+                Err(e) => warn!("{name}: data port writes will each exit: {e}"),
+            }
             info!("{name}: IDE channel at {port:#x}/{ctl:#x}, IRQ {irq}");
         }
         let ide = pci::piix3_ide(true, secondary_used);

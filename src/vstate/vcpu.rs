@@ -228,6 +228,18 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
     std::sync::atomic::fence(Ordering::Release);
 }
 
+/// Applies the writes KVM recorded in the coalesced ring, oldest first.
+fn drain_coalesced(vcpu: u8, ring: Option<&CoalescedRing>, pio: &Bus, mmio: &Bus) {
+    if let Some(ring) = ring {
+        ring.drain(|w| {
+            let bus = if w.pio { pio } else { mmio };
+            if !bus.write_coalesced(w.addr, &w.data) {
+                debug!("vCPU {vcpu}: coalesced write to {:#x} unclaimed", w.addr);
+            }
+        });
+    }
+}
+
 /// The width of each access of the port I/O exit this thread is handling. kvm-ioctls hands
 /// out the `size * count` bytes of a string I/O exit without `size`, so it is read from the
 /// thread's `kvm_run`; 0 when the thread runs no vCPU.
@@ -353,18 +365,14 @@ impl Vcpu {
             let action = match self.fd.run() {
                 Ok(exit) => {
                     // Writes KVM held back happened before this exit: apply them first.
-                    if let Some(ring) = &self.coalesced {
-                        ring.drain(|w| {
-                            let bus = if w.pio { pio } else { mmio };
-                            if !bus.write_coalesced(w.addr, &w.data) {
-                                debug!("vCPU {id}: coalesced write to {:#x} unclaimed", w.addr);
-                            }
-                        });
-                    }
+                    drain_coalesced(id, self.coalesced.as_deref(), pio, mmio);
                     handle_exit(id, exit, current_pio_size(), pio, mmio)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    // The periodic kick also applies held-back writes, so a guest that waits
+                    // for an interrupt they raise is not left waiting.
+                    drain_coalesced(id, self.coalesced.as_deref(), pio, mmio);
                     if state.stopping() {
                         return None;
                     }

@@ -758,6 +758,15 @@ impl IdeChannel {
     }
 }
 
+/// The data register (offset, length) whose writes KVM may coalesce. A sector goes out as
+/// 256 `outsw` words, each an exit of its own (KVM batches string input, not output). The
+/// words only fill the sector buffer; the last one commits the block and raises INTRQ,
+/// which the driver cannot see before its next register access: libata reads the
+/// alternate status right after each block (`ata_sff_sync`), an exit that applies the
+/// coalesced words first. A driver that instead sleeps until the interrupt is served by
+/// the VMM's periodic vCPU kick, which drains too.
+pub const COALESCED_DATA_PORT: (u16, u32) = (REG_DATA as u16, 2);
+
 /// A channel as the port bus sees it: one shared channel behind two ranges.
 pub type SharedChannel = Arc<Mutex<IdeChannel>>;
 
