@@ -341,11 +341,13 @@ class Block(VmClass):
                 # The transfer mode libata chose (PIO/MWDMA/UDMA), for the IDE cases.
                 + guest_section("dmesg", "dmesg | grep -E 'configured for|ata[0-9]' | tail -n 8"))
 
+    def host_command(self, subject):
+        argv = self.fio_args(self.disk, self.host_direct).split()
+        return UNSHARE + ["--net"] + argv if subject["kind"] == "container" else argv
+
     def run(self, subject):
         if subject["kind"] in ("host", "container"):
-            argv = self.fio_args(self.disk, self.host_direct).split()
-            if subject["kind"] == "container":
-                argv = UNSHARE + ["--net"] + argv
+            argv = self.host_command(subject)
             out, err, rc, secs = run_process(argv, self.p["vm_timeout"])
             doc = parse_json(out, f"{subject['name']} fio")
             if rc != 0:
@@ -564,15 +566,25 @@ class Net(VmClass):
             + (f"; {len(problems)} part(s) failed" if problems else ""))
         return figs, raw, problems
 
+    def host_commands(self, subject):
+        """The client commands of the host (loopback) or the container (a veth pair)."""
+        server = "127.0.0.1" if subject["kind"] == "host" else self.VETH_HOST_IP
+        prefix = [] if subject["kind"] == "host" else ["ip", "netns", "exec", self.NETNS] + UNSHARE
+        return server, {name: prefix + cmd.split() for name, cmd in self.client_commands(server).items()}
+
+    def host_command(self, subject):
+        """The server and the clients, one command line each."""
+        server, cmds = self.host_commands(subject)
+        return [["iperf3", "-s", "-B", server, "-p", str(self.PORT)]] + list(cmds.values())
+
     def run(self, subject):
         if subject["kind"] in ("host", "container"):
-            server = "127.0.0.1" if subject["kind"] == "host" else self.VETH_HOST_IP
-            prefix = [] if subject["kind"] == "host" else ["ip", "netns", "exec", self.NETNS] + UNSHARE
+            server, cmds = self.host_commands(subject)
             outputs = {}
             with IperfServer(server, self.PORT):
-                for name, cmd in self.client_commands(server).items():
+                for name, argv in cmds.items():
                     try:
-                        out, _, _, _ = run_process(prefix + cmd.split(), self.client_timeout(),
+                        out, _, _, _ = run_process(argv, self.client_timeout(),
                                                    env=dict(os.environ, TMPDIR=self.scratch))
                         outputs[name] = out
                     except GuestError as e:

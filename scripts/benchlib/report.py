@@ -268,8 +268,9 @@ def commands_lines(results):
     out = ["## Commands", ""]
     for cls, res in results.get("cases", {}).items():
         for name, cmd in res.get("commands", {}).items():
+            argvs = cmd if cmd and isinstance(cmd[0], list) else [cmd]
             text = re.sub(r"echo [A-Za-z0-9+/=]{40,} \| base64 -d", "echo <SCRIPT-BASE64> | base64 -d",
-                          shlex.join(cmd))
+                          "\n".join(shlex.join(a) for a in argvs))
             out += [f"{cls} / {name}:", "", "```", text, "```", ""]
         seen = set()
         for name, script in res.get("guest_scripts", {}).items():
