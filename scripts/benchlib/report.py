@@ -118,7 +118,7 @@ def ratio_table(res, figures):
         return []
     lines = ["| figure | " + " | ".join(c[2] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for key, label, _unit, better in figures:
-        if better != "higher" and "_p" not in key:
+        if _unit == "count":
             continue  # counts (retransmits) have no meaningful ratio
         med = medians(res, key)
         cells = [fmt_ratio(ratio(med.get(a), med.get(b))) for a, b, _ in cols]
