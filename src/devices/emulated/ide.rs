@@ -764,8 +764,10 @@ impl IdeChannel {
 /// which the driver cannot see before its next register access: libata reads the
 /// alternate status right after each block (`ata_sff_sync`), an exit that applies the
 /// coalesced words first. A driver that instead sleeps until the interrupt is served by
-/// the VMM's periodic vCPU kick, which drains too.
-pub const COALESCED_DATA_PORT: (u16, u32) = (REG_DATA as u16, 2);
+/// the VMM's periodic vCPU kick, which drains too. Four bytes: ata_piix moves data 32 bits
+/// at a time; the zone then also holds the feature, count and LBA-low registers, whose
+/// writes are likewise invisible until the command register is written, an exit.
+pub const COALESCED_DATA_PORT: (u16, u32) = (REG_DATA as u16, 4);
 
 /// A channel as the port bus sees it: one shared channel behind two ranges.
 pub type SharedChannel = Arc<Mutex<IdeChannel>>;
