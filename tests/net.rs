@@ -220,7 +220,7 @@ const VIRTIO: Model = Model {
 };
 const NE2K: Model = Model {
     opt: ",model=ne2k",
-    tcp_len: 2 << 20,
+    tcp_len: 512 << 10,
     tap_base: 150,
 };
 
