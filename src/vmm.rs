@@ -221,20 +221,22 @@ impl Vmm {
 
         let mut event_manager = DeviceEventManager::new().map_err(VmmError::EventLoop)?;
         let mut devices = DeviceManager::new();
-        let serial = devices.attach_serial(&vm, "ttyS0", COM1_PORT, COM1_IRQ, serial_out)?;
-        if serial_in {
+        // Stdin feeds the UART that takes it, from the event loop.
+        let mut feed_stdin = |uart| -> Result<(), VmmError> {
             let input = stdin_input()
-                .and_then(|stdin| SerialInputHandler::new(serial, stdin))
+                .and_then(|stdin| SerialInputHandler::new(uart, stdin))
                 .map_err(VmmError::SerialInput)?;
             event_manager.add_subscriber(Arc::new(Mutex::new(input)));
+            Ok(())
+        };
+        let serial = devices.attach_serial(&vm, "ttyS0", COM1_PORT, COM1_IRQ, serial_out)?;
+        if serial_in {
+            feed_stdin(serial)?;
         }
         if let Some((out, _)) = serial2 {
             let serial2 = devices.attach_serial(&vm, "ttyS1", COM2_PORT, COM2_IRQ, out)?;
             if serial2_in {
-                let input = stdin_input()
-                    .and_then(|stdin| SerialInputHandler::new(serial2, stdin))
-                    .map_err(VmmError::SerialInput)?;
-                event_manager.add_subscriber(Arc::new(Mutex::new(input)));
+                feed_stdin(serial2)?;
             }
         }
         if let Some((out, wants_stdin)) = console {

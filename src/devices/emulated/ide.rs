@@ -439,6 +439,27 @@ impl IdeChannel {
     }
 
     /// Checks a transfer's range; returns the sectors per interrupt, or aborts.
+    /// Checks the addressing of a READ/WRITE SECTORS or MULTIPLE command and returns its
+    /// sector count and DRQ block size; None when the command was aborted (CHS addressing,
+    /// which IDENTIFY does not offer, or sectors out of range).
+    fn pio_extent(
+        &mut self,
+        lba: u64,
+        ext: bool,
+        multi: bool,
+        multiple: u64,
+    ) -> Option<(u64, u64)> {
+        if self.device & DEV_LBA == 0 && !ext {
+            self.abort(ERR_ABRT);
+            return None;
+        }
+        let count = self.count(ext);
+        if !self.check_range(lba, count, ext) {
+            return None;
+        }
+        Some((count, if multi { multiple } else { 1 }))
+    }
+
     fn check_range(&mut self, lba: u64, count: u64, ext: bool) -> bool {
         let sectors = self.drive().map_or(0, |d| d.sectors);
         if lba.checked_add(count).is_none_or(|end| end > sectors) {
@@ -486,19 +507,9 @@ impl IdeChannel {
             | CMD_READ_SECTORS_EXT
             | CMD_READ_MULTIPLE
             | CMD_READ_MULTIPLE_EXT => {
-                if self.device & DEV_LBA == 0 && !ext {
-                    // CHS addressing is not offered (IDENTIFY says LBA); refuse it.
-                    self.abort(ERR_ABRT);
+                let multi = matches!(cmd, CMD_READ_MULTIPLE | CMD_READ_MULTIPLE_EXT);
+                let Some((count, block)) = self.pio_extent(lba, ext, multi, multiple) else {
                     return;
-                }
-                let count = self.count(ext);
-                if !self.check_range(lba, count, ext) {
-                    return;
-                }
-                let block = if matches!(cmd, CMD_READ_MULTIPLE | CMD_READ_MULTIPLE_EXT) {
-                    multiple
-                } else {
-                    1
                 };
                 self.transfer = Transfer::ReadSectors {
                     lba,
@@ -517,18 +528,9 @@ impl IdeChannel {
                     self.abort(ERR_ABRT);
                     return;
                 }
-                if self.device & DEV_LBA == 0 && !ext {
-                    self.abort(ERR_ABRT);
+                let multi = matches!(cmd, CMD_WRITE_MULTIPLE | CMD_WRITE_MULTIPLE_EXT);
+                let Some((count, block)) = self.pio_extent(lba, ext, multi, multiple) else {
                     return;
-                }
-                let count = self.count(ext);
-                if !self.check_range(lba, count, ext) {
-                    return;
-                }
-                let block = if matches!(cmd, CMD_WRITE_MULTIPLE | CMD_WRITE_MULTIPLE_EXT) {
-                    multiple
-                } else {
-                    1
                 };
                 self.transfer = Transfer::WriteSectors {
                     lba,
