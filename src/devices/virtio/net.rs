@@ -289,6 +289,9 @@ pub struct VirtioNet {
     state: Option<DeviceState>,
     queues_registered: bool,
     tap_watched: bool,
+    /// Whether the TAP watch state was logged since activation: the first decision is
+    /// logged even when it changes nothing (no buffers yet, so the TAP was never watched).
+    watch_reported: bool,
     /// The frame read from the TAP and not yet given to the guest, if `rx_len` is set.
     rx_frame: Vec<u8>,
     rx_len: Option<usize>,
@@ -325,6 +328,7 @@ impl VirtioNet {
             state: None,
             queues_registered: false,
             tap_watched: false,
+            watch_reported: false,
             // One byte more than the largest frame, to tell a frame cut short by the read.
             rx_frame: vec![0; MAX_FRAME_LEN + 1],
             rx_len: None,
@@ -631,28 +635,29 @@ impl VirtioNet {
 
     /// Starts or stops watching the backend for frames.
     fn watch_backend(&mut self, ops: &mut EventOps, want: bool) {
-        if want == self.tap_watched {
+        if want != self.tap_watched {
+            let events = self.backend_events();
+            let result = if want {
+                ops.add(events)
+            } else {
+                ops.remove(events)
+            };
+            if let Err(e) = result {
+                error!("{}: cannot change the watch on the TAP: {e:?}", self.name);
+                return;
+            }
+            self.tap_watched = want;
+        } else if self.watch_reported {
             return;
         }
-        let events = self.backend_events();
-        let result = if want {
-            ops.add(events)
+        self.watch_reported = true;
+        if want {
+            debug!("{}: watching the TAP", self.name);
         } else {
-            ops.remove(events)
-        };
-        match result {
-            Ok(()) => {
-                self.tap_watched = want;
-                if want {
-                    debug!("{}: watching the TAP", self.name);
-                } else {
-                    debug!(
-                        "{}: TAP not watched until the guest posts receive buffers",
-                        self.name
-                    );
-                }
-            }
-            Err(e) => error!("{}: cannot change the watch on the TAP: {e:?}", self.name),
+            debug!(
+                "{}: TAP not watched until the guest posts receive buffers",
+                self.name
+            );
         }
     }
 }
@@ -698,6 +703,7 @@ impl VirtioDevice for VirtioNet {
 
     fn reset(&mut self) {
         self.state = None;
+        self.watch_reported = false;
         self.rx_held.clear();
         if self.rx_len.take().is_some() {
             self.stats.rx_dropped += 1;
