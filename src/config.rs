@@ -357,6 +357,8 @@ pub struct VmConfig {
     pub serial2: Option<SerialBackend>,
     /// Where the device counters are written as JSON (at exit and on SIGUSR1).
     pub metrics: Option<PathBuf>,
+    /// Whether each VMM thread runs under its seccomp allow-list (off: `--no-seccomp`).
+    pub seccomp: bool,
 }
 
 impl VmConfig {
@@ -374,6 +376,7 @@ impl VmConfig {
             console: None,
             serial2: None,
             metrics: None,
+            seccomp: true,
         }
     }
 

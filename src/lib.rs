@@ -13,10 +13,17 @@
 //!    its own thread; exits are dispatched to the buses.
 //! 6. `vmm::Vmm::run` runs the event loop (device I/O, lifecycle, signals) until the guest
 //!    reboots, powers off or crashes.
+//!
+//! `seccomp` puts every thread under an allow-list of syscalls once its setup is done.
 
 pub mod arch;
 pub mod config;
 pub mod devices;
+/// Fuzz targets and the bounded runner CI uses (tests and the `fuzzing` feature only).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzz;
+pub mod leftovers;
+pub mod seccomp;
 pub mod terminal;
 pub mod vmm;
 pub mod vstate;

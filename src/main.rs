@@ -21,7 +21,8 @@ enum Command {
     ///
     /// Exit status: 0 when the guest powers off or reboots, 1 when it crashes (triple fault,
     /// KVM error) or the VM cannot be built, 128+N when stopped by signal N (SIGINT, SIGTERM,
-    /// SIGHUP stop it cleanly), 2 for a bad command line.
+    /// SIGHUP stop it cleanly), 2 for a bad command line, 159 (128+SIGSYS) when a VMM thread
+    /// made a syscall its seccomp filter forbids (the VMM stops at once; see --no-seccomp).
     Run(RunArgs),
 }
 
@@ -89,6 +90,11 @@ struct RunArgs {
     /// bytes moved, handling time) as JSON to PATH when the VMM exits and on SIGUSR1
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
+
+    /// Run without the seccomp filters (each VMM thread is otherwise limited to the syscalls
+    /// it needs, and a forbidden one stops the VMM with status 159); for debugging only
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -105,6 +111,7 @@ impl From<RunArgs> for VmConfig {
             console: a.console,
             serial2: a.serial2,
             metrics: a.metrics,
+            seccomp: !a.no_seccomp,
         }
     }
 }
@@ -114,10 +121,25 @@ fn print_error(err: &dyn std::error::Error) {
     let mut line = format!("ferrovm: error: {err}");
     let mut source = err.source();
     while let Some(cause) = source {
-        line.push_str(&format!(": {cause}"));
+        // Some crates' messages already include their source's text: print it once.
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(&format!(": {text}"));
+        }
         source = cause.source();
     }
     eprintln!("{line}");
+}
+
+/// Logs what the torn-down VMM left in this process: a warning naming each thread and fd,
+/// or one info line saying there is nothing (the load tests look for it).
+fn report_leftovers() {
+    let left = ferrovm::leftovers::Leftovers::of_this_process();
+    if left.is_empty() {
+        log::info!("VMM torn down: no threads or file descriptors left behind");
+    } else {
+        log::warn!("VMM torn down, left behind: {left}");
+    }
 }
 
 fn main() -> ExitCode {
@@ -129,6 +151,9 @@ fn main() -> ExitCode {
     let Command::Run(args) = Cli::parse().command;
     let cfg = VmConfig::from(args);
     let result = Vmm::build(&cfg).and_then(Vmm::run);
+    // The VMM is gone (run consumes it): every device thread should be joined and every
+    // file, TAP, eventfd and KVM fd closed by now.
+    report_leftovers();
     match result {
         Ok(reason) => {
             let code = reason.exit_code();

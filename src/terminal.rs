@@ -5,10 +5,13 @@
 use std::io::{self, IsTerminal};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 /// The terminal settings to put back, shared with the panic hook.
 static SAVED: Mutex<Option<(RawFd, libc::termios)>> = Mutex::new(None);
+/// The same settings for signal handlers, which cannot take a lock; putting them back twice
+/// is harmless, so this copy is never cleared.
+static SAVED_FOR_SIGNALS: OnceLock<(RawFd, libc::termios)> = OnceLock::new();
 
 /// While alive, the terminal on `fd` is in raw mode.
 pub struct RawTerminal {
@@ -52,6 +55,7 @@ impl RawTerminal {
         raw.c_cc[libc::VTIME] = 0;
         set_attrs(fd, &raw)?;
         *SAVED.lock().unwrap_or_else(|p| p.into_inner()) = Some((fd, saved));
+        let _ = SAVED_FOR_SIGNALS.set((fd, saved));
         Ok(Self { fd })
     }
 }
@@ -69,6 +73,14 @@ pub fn restore() {
     let saved = SAVED.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some((fd, t)) = saved {
         let _ = set_attrs(fd, &t);
+    }
+}
+
+/// `restore` for a signal handler that ends the process: no lock, no allocation, one
+/// tcsetattr (async-signal-safe).
+pub fn restore_from_signal_handler() {
+    if let Some((fd, t)) = SAVED_FOR_SIGNALS.get() {
+        let _ = set_attrs(*fd, t);
     }
 }
 

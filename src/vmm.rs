@@ -30,6 +30,7 @@ use crate::devices::virtio::console::ConsoleError;
 use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
 use crate::devices::virtio::{VirtioBlock, VirtioConsole};
 use crate::devices::{Bus, DeviceEventManager};
+use crate::seccomp::{SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
@@ -87,6 +88,8 @@ pub enum VmmError {
     Net(#[from] NetError),
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("Failed to open the serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -185,6 +188,8 @@ impl Vmm {
     /// Validates `cfg` and builds the whole VM; nothing runs yet.
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
         cfg.validate()?;
+        // Before any thread exists: the I/O and stdin threads started below sandbox themselves.
+        crate::seccomp::init(cfg.seccomp)?;
         // Bad kernel or initrd files are reported before KVM is touched.
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
         let (serial_out, serial_wants_stdin) = open_serial_backend(&cfg.serial)?;
@@ -215,8 +220,9 @@ impl Vmm {
                 })?;
         }
 
-        let vm = KvmVm::new(cfg.vcpus)?;
+        // Memory first: a host that cannot give it is told so whether or not KVM is there.
         let mem = create_guest_memory(cfg.mem_bytes())?;
+        let vm = KvmVm::new(cfg.vcpus)?;
         vm.register_memory(&mem)?;
 
         let mut event_manager = DeviceEventManager::new().map_err(VmmError::EventLoop)?;
@@ -384,9 +390,12 @@ impl Vmm {
             unblock_signal(sig).map_err(|e| VmmError::SignalMask(e.to_string()))?;
         }
 
+        // Last, so no thread inherits the main thread's filter: each installed its own.
         let result = match start_err {
             Some(e) => Err(e.into()),
-            None => self.event_loop(&handles),
+            None => crate::seccomp::apply(ThreadKind::Main)
+                .map_err(VmmError::from)
+                .and_then(|()| self.event_loop(&handles)),
         };
         self.run_state.request_stop();
         for h in &handles {

@@ -20,6 +20,7 @@ pub fn stdin_input() -> io::Result<Box<dyn HostInput>> {
     std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Stdin);
             // Ends at EOF (closing the pipe, which the handler sees as EOF) or when the VMM
             // exits; the pipe's capacity gives back-pressure while the guest is slow.
             let _ = io::copy(&mut io::stdin().lock(), &mut writer);

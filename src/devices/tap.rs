@@ -12,8 +12,10 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use log::info;
+use log::{error, info};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
 
 use crate::config::TapConfig;
@@ -95,6 +97,8 @@ pub struct Tap {
     file: File,
     name: String,
     created: bool,
+    /// Set, for every handle on the queue, once the interface was seen deleted.
+    gone: Arc<AtomicBool>,
 }
 
 impl Tap {
@@ -170,6 +174,7 @@ impl Tap {
             file,
             name: req.name(),
             created: !existed,
+            gone: Arc::default(),
         };
         tap.set_vnet_hdr_len()?;
         // A TAP that lived before (persistent) may keep the offloads of its last user.
@@ -188,6 +193,7 @@ impl Tap {
             file: self.file.try_clone()?,
             name: self.name.clone(),
             created: self.created,
+            gone: self.gone.clone(),
         })
     }
 
@@ -223,7 +229,9 @@ impl Tap {
         let ret =
             unsafe { ioctl_with_val(&self.file, libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
         if ret < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            self.note_error(&e);
+            return Err(e);
         }
         Ok(())
     }
@@ -258,12 +266,31 @@ impl Tap {
 
     /// Reads one frame (virtio-net header first); WouldBlock when none is queued.
     pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (&self.file).read(buf)
+        (&self.file).read(buf).inspect_err(|e| self.note_error(e))
     }
 
     /// Writes one frame (virtio-net header first) in a single write.
     pub fn write_frame(&self, frame: &[u8]) -> io::Result<usize> {
-        (&self.file).write(frame)
+        (&self.file)
+            .write(frame)
+            .inspect_err(|e| self.note_error(e))
+    }
+
+    /// Whether the interface was deleted while open: its fd then fails every read and
+    /// write, and epoll reports it ready forever, so a device must stop watching it.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+
+    /// Says once, for all handles, that the interface is gone (the kernel detaches the queue
+    /// and answers EBADFD from then on).
+    fn note_error(&self, e: &io::Error) {
+        if e.raw_os_error() == Some(libc::EBADFD) && !self.gone.swap(true, Ordering::Relaxed) {
+            error!(
+                "TAP {} is gone (deleted while the VM runs): its NIC drops every frame from now on",
+                self.name
+            );
+        }
     }
 }
 

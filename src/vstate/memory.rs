@@ -10,7 +10,10 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    #[error("Failed to map {mib} MiB of guest memory")]
+    #[error(
+        "Failed to map {mib} MiB of guest memory (the host refused the mapping: check free \
+         memory and `ulimit -v`, or give a smaller --memory)"
+    )]
     Map {
         mib: u64,
         #[source]

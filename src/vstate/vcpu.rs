@@ -349,6 +349,7 @@ impl Vcpu {
 
     fn run(mut self, pio: &Bus, mmio: &Bus, state: &VmRunState) {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::Vcpu);
         if let Some(exit) = self.run_loop(pio, mmio, state) {
             info!("vCPU {}: {exit}", self.id);
             state.report(exit);

@@ -610,25 +610,15 @@ pub fn build_cmdline(user: &str, extra: &[String]) -> Result<Cmdline, BootError>
     Ok(cmdline)
 }
 
-#[cfg(test)]
-mod tests {
+/// Minimal kernel images, for the loader's tests and the fuzz seeds.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod test_images {
     use super::*;
-    use crate::vstate::memory::create_guest_memory;
-    use std::io::Write;
     use vm_memory::ByteValued;
-    use vmm_sys_util::tempfile::TempFile;
-
-    const MIB: u64 = 1 << 20;
-
-    fn file_with(content: &[u8]) -> TempFile {
-        let f = TempFile::new().unwrap();
-        f.as_file().write_all(content).unwrap();
-        f
-    }
 
     /// A minimal x86_64 ELF with one PT_LOAD segment of `code` at `paddr` and, optionally,
     /// a PT_NOTE carrying the Xen PVH entry note.
-    fn make_elf(paddr: u64, code: &[u8], memsz: u64, pvh_entry: Option<u32>) -> Vec<u8> {
+    pub fn make_elf(paddr: u64, code: &[u8], memsz: u64, pvh_entry: Option<u32>) -> Vec<u8> {
         let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
         let phoff = 64u64;
         let data_off = phoff + 56 * u64::from(phnum);
@@ -674,7 +664,7 @@ mod tests {
     }
 
     /// A minimal bzImage: boot sector + one setup sector + `payload`, with a 2.15 header.
-    fn make_bzimage(version: u16, xloadflags: u16, payload: &[u8], init_size: u32) -> Vec<u8> {
+    pub fn make_bzimage(version: u16, xloadflags: u16, payload: &[u8], init_size: u32) -> Vec<u8> {
         let mut b = vec![0u8; 1024];
         let mut hdr = setup_header {
             setup_sects: 1,
@@ -695,6 +685,23 @@ mod tests {
         b.extend_from_slice(payload);
         b.resize(1024 + hdr.syssize as usize * 16, 0);
         b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_images::{make_bzimage, make_elf};
+    use super::*;
+    use crate::vstate::memory::create_guest_memory;
+    use std::io::Write;
+    use vmm_sys_util::tempfile::TempFile;
+
+    const MIB: u64 = 1 << 20;
+
+    fn file_with(content: &[u8]) -> TempFile {
+        let f = TempFile::new().unwrap();
+        f.as_file().write_all(content).unwrap();
+        f
     }
 
     fn cmdline() -> Cmdline {

@@ -338,7 +338,11 @@ impl Ne2k {
                 self.set_isr(ISR_PTX);
             }
             Err(e) => {
-                warn!("ne2k: sending a frame failed: {e}");
+                // Counted in tx_errors; only the first failure of a run is worth a line (a
+                // deleted TAP fails every frame, and says so itself).
+                if self.counters.tx_errors == 0 {
+                    warn!("ne2k: sending a frame failed: {e} (later failures are counted, not logged)");
+                }
                 self.counters.tx_errors += 1;
                 self.tsr = TSR_ABT;
                 self.set_isr(ISR_TXE);

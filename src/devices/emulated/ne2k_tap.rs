@@ -106,6 +106,9 @@ impl Ne2kTap {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A deleted TAP fails for good (Tap says so once); it stays readable to
+                // epoll, so keep watching only on errors that may pass.
+                Err(_) if self.tap.is_gone() => return false,
                 Err(e) => {
                     error!("ne2k: reading from TAP {} failed: {e}", self.tap.name());
                     return true;

@@ -84,9 +84,11 @@ impl SerialEvents for SerialEventsNotifier {
 /// The UART as a bus device.
 pub struct SerialDevice {
     serial: Serial<EventFdTrigger, SerialEventsNotifier, Box<dyn Write + Send>>,
-    /// The interrupt enable and line control registers as the guest last wrote them.
+    /// The interrupt enable, line control and modem control registers as the guest last
+    /// wrote them.
     ier: u8,
     lcr: u8,
+    mcr: u8,
 }
 
 const IER_OFFSET: u64 = 1;
@@ -94,6 +96,11 @@ const IER_RDI: u8 = 0x01;
 const LCR_OFFSET: u64 = 3;
 /// With LCR.DLAB set, offset 1 is the divisor latch, not IER.
 const LCR_DLAB: u8 = 0x80;
+const MCR_OFFSET: u64 = 4;
+/// MCR.OUT2 gates the UART's interrupt line on a PC: set while a driver has the port open.
+const MCR_OUT2: u8 = 0x08;
+/// MCR.LOOP: loopback, where the receiver sees the transmitter, not the line.
+const MCR_LOOP: u8 = 0x10;
 
 impl SerialDevice {
     /// A UART raising `irq_evt` and writing guest output to `out`, counting into `metrics`.
@@ -114,16 +121,19 @@ impl SerialDevice {
             ),
             ier: 0,
             lcr: 0,
+            mcr: 0,
         })
     }
 
-    /// Whether the guest is ready to receive: its driver has the receive interrupt enabled.
-    /// Linux's 8250 driver enables it only once a tty has the port open, and drains the
-    /// receive register while it starts the port; host input is held back until then (and
-    /// while the console code masks interrupts to print), so bytes piped in during boot reach
-    /// the reader instead of being thrown away.
+    /// Whether the guest is ready to receive: its driver has the receive interrupt enabled
+    /// and routed (MCR.OUT2), outside loopback. Linux's 8250 driver does that only once a
+    /// tty has the port open; before, it probes the chip (IER set to 0x0f for a moment, then
+    /// the receive register read to clear it) and drains the receive register while it
+    /// starts the port. Host input is held back until then (and while the console code
+    /// masks interrupts to print), so bytes piped in during boot reach the reader instead of
+    /// being thrown away by a probe.
     pub fn is_receiving(&self) -> bool {
-        self.ier & IER_RDI != 0
+        self.ier & IER_RDI != 0 && self.mcr & (MCR_OUT2 | MCR_LOOP) == MCR_OUT2
     }
 
     /// How many input bytes the guest can take now.
@@ -178,17 +188,16 @@ impl BusDevice for SerialDevice {
             );
             return;
         }
+        let was_receiving = self.is_receiving();
         match offset {
-            IER_OFFSET if self.lcr & LCR_DLAB == 0 => {
-                let was_receiving = self.is_receiving();
-                self.ier = data[0];
-                if !was_receiving && self.is_receiving() {
-                    // Wake the event loop so held-back input starts flowing.
-                    self.serial.events().in_buffer_empty();
-                }
-            }
+            IER_OFFSET if self.lcr & LCR_DLAB == 0 => self.ier = data[0],
             LCR_OFFSET => self.lcr = data[0],
+            MCR_OFFSET => self.mcr = data[0],
             _ => {}
+        }
+        if !was_receiving && self.is_receiving() {
+            // Wake the event loop so held-back input starts flowing.
+            self.serial.events().in_buffer_empty();
         }
         if let Err(e) = self.serial.write(offset as u8, data[0]) {
             warn!("serial: write to register {offset} failed: {e:?}");
@@ -420,6 +429,7 @@ mod tests {
     #[test]
     fn divisor_latch_writes_do_not_count_as_ier() {
         let (mut dev, _irq, _out) = device();
+        dev.write(MCR_OFFSET, &[MCR_OUT2]);
         dev.write(LCR_OFFSET, &[LCR_DLAB | 0x03]);
         dev.write(IER_OFFSET, &[0x01]); // divisor high byte
         assert!(!dev.is_receiving());
@@ -428,8 +438,35 @@ mod tests {
         assert!(dev.is_receiving());
     }
 
+    /// What Linux's 8250 driver does when a tty opens the port: DTR, RTS and OUT2, then the
+    /// receive interrupt.
     fn open_port(dev: &mut SerialDevice) {
-        dev.write(IER_OFFSET, &[IER_RDI]);
+        dev.write(MCR_OFFSET, &[0x0b]);
+        dev.write(IER_OFFSET, &[IER_RDI | 0x04]);
+    }
+
+    #[test]
+    fn input_waits_through_the_drivers_probe() {
+        let (mut dev, _irq, _out) = device();
+        // 8250 autoconfig: the IER existence test, then loopback with OUT2 set.
+        dev.write(IER_OFFSET, &[0x0f]);
+        assert!(
+            !dev.is_receiving(),
+            "IER alone is the probe, not an open port"
+        );
+        dev.write(IER_OFFSET, &[0]);
+        dev.write(MCR_OFFSET, &[MCR_LOOP | 0x0a]);
+        dev.write(IER_OFFSET, &[0x0f]);
+        assert!(!dev.is_receiving(), "loopback is not the line");
+        dev.write(IER_OFFSET, &[0]);
+        dev.write(MCR_OFFSET, &[0]);
+        open_port(&mut dev);
+        assert!(dev.is_receiving());
+        assert_eq!(dev.input_room(), 64);
+        // The tty closed: OUT2 and the interrupts go off again.
+        dev.write(IER_OFFSET, &[0]);
+        dev.write(MCR_OFFSET, &[0]);
+        assert_eq!(dev.input_room(), 0);
     }
 
     #[test]

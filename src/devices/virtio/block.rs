@@ -35,8 +35,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
-    read_chain, take_notifications, wants_interrupt, ActivateError, Activation, DeviceState,
-    VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    read_chain, rearm_notification, take_notifications, wants_interrupt, ActivateError, Activation,
+    DeviceState, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::DISK_SERIAL_MAX;
 pub use crate::devices::disk::BlockBackend;
@@ -115,9 +115,13 @@ fn parse(
     descs: &[Descriptor],
     mem: &GuestMemoryMmap,
 ) -> Result<(Request, GuestAddress), (RequestError, Option<GuestAddress>)> {
+    // A status byte outside guest memory could not report the outcome: the request is
+    // refused before any I/O, rather than done and completed with no status (found by
+    // fuzzing: a write reached the disk and the driver saw nothing it could trust).
     let status = descs
         .last()
         .filter(|d| d.is_write_only() && d.len() >= 1 && descs.len() >= 2)
+        .filter(|d| GuestMemoryBackend::check_range(mem, d.addr(), 1))
         .map(|d| d.addr());
     let status = status.ok_or((RequestError::NoStatus, None))?;
     let fail = |e: RequestError| (e, Some(status));
@@ -470,6 +474,7 @@ impl Pool {
 
 /// An I/O thread: serves jobs through its own handle on the disk until the pool closes.
 fn serve(name: &str, pool: &Pool, mut backend: Box<dyn BlockBackend>) {
+    crate::seccomp::apply_or_exit(crate::seccomp::ThreadKind::BlockIo);
     while let Some(job) = pool.take() {
         job.run(name, &mut *backend);
         pool.done();
@@ -587,21 +592,24 @@ impl VirtioBlock {
     /// Takes every available chain off the queue (the virtio-queue loop: disable
     /// notifications, drain, re-enable, drain what raced in) and hands it on; the I/O
     /// threads complete the requests.
-    fn process_queue(&mut self) {
+    pub(crate) fn process_queue(&mut self) {
         let Some(active) = self.active.clone() else {
             return;
         };
+        let mut empty_rounds = 0;
         loop {
             if let Err(e) = active.lock().disable_notification(&active.mem) {
                 warn!("{}: cannot disable notifications: {e}", self.name);
             }
             // The last job is held back until the next chain shows whether it continues it.
             let mut pending: Option<Job> = None;
+            let mut popped = 0;
             loop {
                 // Not in the loop's condition: its temporaries, the lock among them, would
                 // live through the body, which completes requests under the same lock.
                 let chain = active.lock().pop_descriptor_chain(&active.mem);
                 let Some(chain) = chain else { break };
+                popped += 1;
                 let Some(job) = self.dispatch(&active, chain) else {
                     continue;
                 };
@@ -619,14 +627,16 @@ impl VirtioBlock {
             if let Some(job) = pending {
                 self.pool.submit(job);
             }
-            let more = active.lock().enable_notification(&active.mem);
-            match more {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!("{}: cannot re-enable notifications: {e}", self.name);
-                    break;
-                }
+            // Found by fuzzing: a bogus available index used to spin the event loop here.
+            let more = rearm_notification(
+                &mut active.lock(),
+                &active.mem,
+                popped,
+                &mut empty_rounds,
+                &self.name,
+            );
+            if !more {
+                break;
             }
         }
     }
@@ -659,7 +669,10 @@ impl VirtioBlock {
                 Ok(()) => return Some(Job::new(active, head, status, op)),
                 Err(e) => Err(e),
             },
-            Ok(Op::GetId(bufs)) => write_id(&self.device_id, &bufs, &active.mem),
+            // Every buffer, not only the 20 bytes the id fills: a buffer outside guest memory
+            // fails any request (found by fuzzing: GET_ID let one pass).
+            Ok(Op::GetId(bufs)) => check_bufs(&bufs, &active.mem)
+                .and_then(|()| write_id(&self.device_id, &bufs, &active.mem)),
             Err(e) => Err(e),
         };
         active.complete(&self.name, head, Some(status), result);
@@ -673,6 +686,10 @@ fn check_buffers(op: &DiskOp, mem: &GuestMemoryMmap) -> Result<(), RequestError>
         DiskOp::Read { bufs, .. } | DiskOp::Write { bufs, .. } => bufs,
         DiskOp::Flush => return Ok(()),
     };
+    check_bufs(bufs, mem)
+}
+
+fn check_bufs(bufs: &[GuestBuf], mem: &GuestMemoryMmap) -> Result<(), RequestError> {
     match bufs
         .iter()
         .find(|b| !GuestMemoryBackend::check_range(mem, b.addr, b.len))
@@ -1206,6 +1223,50 @@ mod tests {
             desc(STATUS, 1, F_WRITE, 0),
         ];
         assert_eq!(h.run(&chain).0, S_IOERR);
+    }
+
+    /// Regression (fuzz/corpus/virtio_block/regress-status-outside-memory): the write was
+    /// done and completed with 512 used bytes and no status.
+    #[test]
+    fn status_outside_guest_memory_refuses_the_request_before_any_io() {
+        let mut h = harness(false);
+        h.header(VIRTIO_BLK_T_OUT, 0);
+        h.mem.write_slice(&[0xab; 512], GuestAddress(BUF)).unwrap();
+        let chain = vec![
+            desc(HDR, 16, F_NEXT, 1),
+            desc(BUF, 512, F_NEXT, 2),
+            desc(0xffff_0000_0000, 1, F_WRITE, 0),
+        ];
+        assert_eq!(h.run(&chain).1, 0);
+        assert_eq!(h.disk.data.lock().unwrap()[..512], [0u8; 512]);
+    }
+
+    /// Regression (fuzz/corpus/virtio_block/regress-get-id-buffer-outside-memory): GET_ID
+    /// wrote its 20 bytes and said OK although the buffer ran past guest memory.
+    #[test]
+    fn get_id_buffer_outside_guest_memory_is_an_io_error() {
+        let mut h = harness(false);
+        h.header(VIRTIO_BLK_T_GET_ID, 0);
+        let end = crate::devices::virtio::device::test_utils::MEM_SIZE - 256;
+        let chain = vec![
+            desc(HDR, 16, F_NEXT, 1),
+            desc(end, 4096, F_WRITE | F_NEXT, 2),
+            desc(STATUS, 1, F_WRITE, 0),
+        ];
+        assert_eq!(h.run(&chain), (S_IOERR, 1));
+    }
+
+    /// Regression (fuzz/corpus/virtio_block/regress-bogus-avail-index): process_queue spun
+    /// forever on an available index the queue refuses to walk.
+    #[test]
+    fn bogus_avail_index_does_not_hang_the_device() {
+        let mut h = harness(false);
+        let vq = MockSplitQueue::create(&h.mem, GuestAddress(0), QUEUE_SIZE);
+        activate(&mut h.dev, &h.mem, &h.irq, vq.create_queue().unwrap());
+        // The guest claims 1000 new entries in a 256-entry queue.
+        vq.avail().idx().store(1000);
+        h.dev.process_queue();
+        assert_eq!(vq.used().idx().load(), 0);
     }
 
     #[test]

@@ -17,8 +17,8 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
-    read_chain, take_notifications, ActivateError, Activation, DeviceState, VirtioDevice,
-    VIRTIO_F_VERSION_1,
+    read_chain, rearm_notification, take_notifications, ActivateError, Activation, DeviceState,
+    VirtioDevice, VIRTIO_F_VERSION_1,
 };
 use crate::devices::host_input::HostInput;
 use crate::devices::metrics::DeviceMetrics;
@@ -77,16 +77,19 @@ impl VirtioConsole {
     }
 
     /// Writes what the guest sent; every chain is completed, bad ones with length 0.
-    fn process_tx(&mut self) {
+    pub(crate) fn process_tx(&mut self) {
         let Some(state) = self.state.as_mut() else {
             return;
         };
         let mut buf = Vec::new();
+        let mut empty_rounds = 0;
         loop {
             if let Err(e) = state.queues[TX].disable_notification(&state.mem) {
                 warn!("virtio-console: cannot disable tx notifications: {e}");
             }
+            let mut popped = 0;
             while let Some(chain) = state.queues[TX].pop_descriptor_chain(&state.mem) {
+                popped += 1;
                 let head = chain.head_index();
                 buf.clear();
                 match read_chain(chain, QUEUE_SIZE)
@@ -112,9 +115,15 @@ impl VirtioConsole {
                     error!("virtio-console: cannot complete a transmit chain: {e}");
                 }
             }
-            match state.queues[TX].enable_notification(&state.mem) {
-                Ok(true) => continue,
-                _ => break,
+            // Found by fuzzing: a bogus available index used to spin the event loop here.
+            if !rearm_notification(
+                &mut state.queues[TX],
+                &state.mem,
+                popped,
+                &mut empty_rounds,
+                "virtio-console",
+            ) {
+                break;
             }
         }
         state.notify_if_needed(TX);
@@ -124,7 +133,7 @@ impl VirtioConsole {
     /// input is readable, so the read does not block. Returns false when input should stop
     /// being watched: the guest has no buffer posted (a receive-queue notification turns it
     /// back on) or the input ended.
-    fn process_rx(&mut self) -> bool {
+    pub(crate) fn process_rx(&mut self) -> bool {
         let Some(state) = self.state.as_mut() else {
             return false;
         };
@@ -339,7 +348,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Address, GuestAddress};
 
     const F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
     const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
@@ -434,6 +443,19 @@ mod tests {
         h.dev.process_tx();
         assert_eq!(&*h.out.0.lock().unwrap(), b"ok");
         assert_eq!(h.txq.used().idx().load(), 3, "every chain completed");
+    }
+
+    /// Regression (fuzz/corpus/virtio_console/regress-bogus-avail-index): process_tx spun
+    /// forever on an available index the queue refuses to walk.
+    #[test]
+    fn bogus_avail_index_does_not_hang_the_device() {
+        let mem = guest_memory();
+        let mut h = harness(&mem);
+        // The guest claims 1000 new entries in a 256-entry queue.
+        mem.write_obj(1000u16, h.txq.avail_addr().unchecked_add(2))
+            .unwrap();
+        h.dev.process_tx();
+        assert_eq!(h.txq.used().idx().load(), 0);
     }
 
     #[test]

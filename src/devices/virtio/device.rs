@@ -146,15 +146,16 @@ pub fn take_notifications(evt: &EventFd, metrics: &DeviceMetrics) {
 /// What is wrong with a descriptor chain as a whole.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
-    #[error("descriptor chain loops or is longer than the queue ({0} descriptors)")]
+    #[error("descriptor chain loops, or is longer than the queue ({0} descriptors) or 4 GiB")]
     TooLong(u16),
     #[error("empty descriptor chain")]
     Empty,
 }
 
-/// Reads a whole chain. virtio-queue stops yielding after `queue size` descriptors; a last
-/// descriptor that still says NEXT means the guest built a loop or an over-long chain
-/// (virtio 1.x 2.7.5.3.1: a chain must not be longer than the queue).
+/// Reads a whole chain. virtio-queue stops yielding after `queue size` descriptors or 4 GiB
+/// of buffers; a last descriptor that still says NEXT means the guest built a loop or an
+/// over-long chain (virtio 1.x 2.7.5.3.1: a chain must not be longer than the queue; 1.2
+/// 2.7.5.2: nor than 2^32 bytes).
 pub fn read_chain<M>(
     chain: DescriptorChain<M>,
     queue_size: u16,
@@ -200,6 +201,47 @@ impl DeviceState {
     pub fn notify_if_needed(&mut self, queue: usize) {
         if wants_interrupt(&mut self.queues[queue], &self.mem) {
             self.interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// Re-enables notifications after a drain of `popped` chains; returns whether to drain
+/// again because more chains arrived meanwhile. A chain can legitimately arrive between the
+/// last pop and the re-arm, so an empty drain followed by "more" is drained again, but only
+/// a few times in a row (`empty_rounds`, kept by the caller across drains): an available
+/// index the queue refuses to walk (the driver claiming more entries than the queue holds)
+/// also reads as "more", and draining again would pop nothing, forever. That stops here,
+/// with a warning.
+pub fn rearm_notification(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    popped: usize,
+    empty_rounds: &mut u32,
+    name: &str,
+) -> bool {
+    /// Empty drains in a row that are still taken for a race with the driver.
+    const RACE_ROUNDS: u32 = 3;
+    match queue.enable_notification(mem) {
+        Ok(true) if popped > 0 => {
+            *empty_rounds = 0;
+            true
+        }
+        Ok(true) if *empty_rounds < RACE_ROUNDS => {
+            *empty_rounds += 1;
+            true
+        }
+        Ok(true) => {
+            log::warn!("{name}: the available ring index is invalid; queue ignored until the next notification");
+            *empty_rounds = 0;
+            false
+        }
+        Ok(false) => {
+            *empty_rounds = 0;
+            false
+        }
+        Err(e) => {
+            log::warn!("{name}: cannot re-enable notifications: {e}");
+            false
         }
     }
 }

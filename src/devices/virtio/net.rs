@@ -33,8 +33,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::block::read_config_bytes;
 use super::device::{
-    read_chain, take_notifications, ActivateError, Activation, ChainError, DeviceState,
-    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    read_chain, rearm_notification, take_notifications, ActivateError, Activation, ChainError,
+    DeviceState, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::config::{MacAddr, NetConfig};
 use crate::devices::metrics::DeviceMetrics;
@@ -77,6 +77,11 @@ pub trait NetBackend: Send + AsRawFd {
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize>;
     /// Sets the TUN_F_* offloads the guest can receive.
     fn set_offload(&mut self, flags: u32) -> io::Result<()>;
+    /// Whether the backend failed for good (a deleted TAP): its errors are not worth a
+    /// warning each time the guest posts buffers.
+    fn is_gone(&self) -> bool {
+        false
+    }
 }
 
 impl NetBackend for Tap {
@@ -85,6 +90,9 @@ impl NetBackend for Tap {
     }
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
         Tap::write_frame(self, frame)
+    }
+    fn is_gone(&self) -> bool {
+        Tap::is_gone(self)
     }
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         Tap::set_offload(self, flags)
@@ -346,11 +354,12 @@ impl VirtioNet {
 
     /// Sends every chain on the transmit queue to the backend (the virtio-queue loop:
     /// disable notifications, drain, re-enable, drain what raced in).
-    fn process_tx(&mut self) {
+    pub(crate) fn process_tx(&mut self) {
         let Some(mut state) = self.state.take() else {
             return;
         };
         let mut completed = 0u32;
+        let mut empty_rounds = 0;
         loop {
             if let Err(e) = state.queues[TX].disable_notification(&state.mem) {
                 warn!("{}: cannot disable transmit notifications: {e}", self.name);
@@ -366,22 +375,14 @@ impl VirtioNet {
                 }
                 completed += 1;
             }
-            match state.queues[TX].enable_notification(&state.mem) {
-                // More arrived; but an available index the queue refuses to walk (a guest
-                // claiming more entries than the queue has) would loop forever.
-                Ok(true) if popped > 0 => continue,
-                Ok(true) => {
-                    warn!("{}: transmit queue index is invalid", self.name);
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(
-                        "{}: cannot re-enable transmit notifications: {e}",
-                        self.name
-                    );
-                    break;
-                }
+            if !rearm_notification(
+                &mut state.queues[TX],
+                &state.mem,
+                popped,
+                &mut empty_rounds,
+                &self.name,
+            ) {
+                break;
             }
         }
         if completed > 0 {
@@ -457,7 +458,7 @@ impl VirtioNet {
     /// Moves frames from the backend into receive buffers until the backend is empty, the
     /// guest has no buffer left or the budget is spent. Returns whether the backend should
     /// be watched for more: false while a frame waits for the guest's buffers.
-    fn process_rx(&mut self) -> bool {
+    pub(crate) fn process_rx(&mut self) -> bool {
         let Some(mut state) = self.state.take() else {
             return false;
         };
@@ -484,10 +485,12 @@ impl VirtioNet {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        // E.g. EBADFD once the interface is deleted, which also keeps the
-                        // fd readable: stop watching rather than spin, and try again when
-                        // the guest next posts receive buffers.
-                        warn!("{}: cannot read from the TAP: {e}", self.name);
+                        // A deleted TAP (EBADFD, which Tap reports once) stays readable to
+                        // epoll: stop watching rather than spin, and try again when the guest
+                        // next posts receive buffers unless it is gone for good.
+                        if !self.backend.is_gone() {
+                            warn!("{}: cannot read from the TAP: {e}", self.name);
+                        }
                         want_backend = false;
                         break;
                     }
@@ -687,12 +690,18 @@ impl VirtioDevice for VirtioNet {
         self.metrics = activation.interrupt.metrics().clone();
         let state = DeviceState::from_activation(activation, 2)?;
         let offloads = tap_offloads(state.acked_features);
-        self.backend.set_offload(offloads).map_err(|e| {
-            ActivateError::Backend(format!(
-                "{}: failed to set the TAP offloads {offloads:#x}: {e}",
-                self.name
-            ))
-        })?;
+        match self.backend.set_offload(offloads) {
+            Ok(()) => {}
+            // The device still comes up, as a NIC with its cable pulled: the guest is not
+            // left with a half-probed device because the host side went away.
+            Err(_) if self.backend.is_gone() => {}
+            Err(e) => {
+                return Err(ActivateError::Backend(format!(
+                    "{}: failed to set the TAP offloads {offloads:#x}: {e}",
+                    self.name
+                )))
+            }
+        }
         info!(
             "{}: activated, features {:#x}, TAP offloads {offloads:#x}",
             self.name, state.acked_features
