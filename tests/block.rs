@@ -8,6 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use common::{artifacts, temp_path, Vm, READY};
 
@@ -152,7 +153,38 @@ per_model!(
     write_cache_and_identity_are_reported,
     several_disks_each_keep_their_own_data,
     boots_with_the_first_disk_as_root,
+    a_disk_cut_short_under_the_vmm_gives_the_guest_io_errors,
 );
+
+fn a_disk_cut_short_under_the_vmm_gives_the_guest_io_errors(m: &Model) {
+    let img = Image::new("shrinks.img", 16);
+    let dev = m.dev(0);
+    // The guest waits on its console for the host to cut the image to 1 MiB, then reads at
+    // 8 MiB (never read before, so not in its page cache) and at 0 (still in the file).
+    let mut vm = Vm::guest_running(&format!(
+        "echo cut-me-$((6*7)); read -r go; \
+         dd if={dev} of=/dev/null bs=4096 skip=2048 count=16 2>/dev/null; echo far-rc=$?; \
+         dd if={dev} of=/dev/null bs=4096 count=16 2>/dev/null; echo near-rc=$?"
+    ))
+    .arg("--disk")
+    .arg(img.disk_arg(m.opt))
+    .stdin_piped()
+    .spawn_until("cut-me-42", Duration::from_secs(300));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(img.path())
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    vm.write_stdin(b"go\n");
+    let out = vm.finish(Duration::from_secs(300));
+    // The VMM carried on: the guest got an error for what is gone, data for what is not,
+    // and powered off normally.
+    assert_clean(&out);
+    let far: i32 = guest_value(&out, "far-rc").parse().unwrap();
+    assert_ne!(far, 0, "a read past the cut succeeded\n{}", out.dump());
+    assert_eq!(guest_value(&out, "near-rc"), "0", "{}", out.dump());
+}
 
 fn ext4_data_written_and_synced_is_in_the_image(m: &Model) {
     let img = Image::new("ext4.img", 64);
@@ -347,7 +379,8 @@ fn boots_with_the_first_disk_as_root(m: &Model) {
         .arg(img.disk_arg(m.opt))
         .arg("--cmdline")
         .arg(format!(
-            "console=ttyS0 reboot=k panic=-1 root={} rw init=/sbin/init",
+            "{} root={} rw init=/sbin/init",
+            common::CMDLINE,
             m.dev(0)
         ))
         .run();

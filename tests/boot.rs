@@ -108,7 +108,7 @@ fn guest_reboot_through_triple_fault_ends_with_status_0() {
     sandboxed!();
     let out = Vm::guest()
         .arg("--cmdline")
-        .arg("console=ttyS0 reboot=t panic=-1 -- reboot -f")
+        .arg("console=ttyS0 quiet reboot=t panic=-1 -- reboot -f")
         .run();
     assert_eq!(out.code, Some(0), "{}", out.dump());
     assert!(out.stdout.contains(READY), "{}", out.dump());
@@ -164,8 +164,7 @@ fn serial_input_reaches_the_guest() {
 #[test]
 fn sigterm_stops_the_vm_cleanly() {
     sandboxed!();
-    let mut vm = Vm::guest_running("sleep 600").spawn();
-    vm.wait_for(READY, Duration::from_secs(300));
+    let vm = Vm::guest_running("sleep 600").spawn_until(READY, Duration::from_secs(300));
     vm.signal(libc_sigterm());
     let out = vm.finish(Duration::from_secs(30));
     assert_eq!(out.code, Some(128 + libc_sigterm()), "{}", out.dump());

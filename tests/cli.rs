@@ -51,11 +51,16 @@ fn help_documents_every_flag() {
         "--console",
         "--serial2",
         "--metrics",
+        "--no-seccomp",
         "model=virtio|ide",
         "model=virtio|ne2k",
     ] {
         assert!(help.contains(flag), "run --help lacks {flag}:\n{help}");
     }
+    assert!(
+        help.contains("159 (128+SIGSYS)"),
+        "run --help lacks the seccomp exit status:\n{help}"
+    );
     let top = std::process::Command::new(common::ferrovm_bin())
         .arg("--help")
         .output()
@@ -280,4 +285,46 @@ fn non_kvm_device_is_refused() {
         .env("FERROVM_KVM_DEVICE", "/dev/null")
         .run();
     assert_fails_with(&out, 1, "/dev/null is not a KVM device");
+}
+
+#[test]
+fn memory_the_host_cannot_give_is_refused() {
+    let k = artifacts().vmlinux.to_str().unwrap().to_string();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let host_mib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        >> 10;
+    let more = (host_mib + 1024).to_string();
+    assert_fails_with(
+        &run(&["--kernel", &k, "--memory", &more]),
+        1,
+        "more than this host has",
+    );
+    // Within the host's RAM but beyond what this process may map (ulimit -v 512 MiB).
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 524288 && exec \"$0\" run --kernel \"$1\" --memory 2048 --serial none")
+        .arg(common::ferrovm_bin())
+        .arg(&k)
+        .output()
+        .unwrap();
+    let out = Output {
+        code: out.status.code(),
+        signal: None,
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+        elapsed: std::time::Duration::ZERO,
+        timed_out: false,
+    };
+    assert_fails_with(&out, 1, "Failed to map 2048 MiB of guest memory");
+    assert!(out.stderr.contains("ulimit -v"), "{}", out.dump());
+    assert_eq!(
+        out.stderr.matches("Cannot allocate memory").count(),
+        1,
+        "the cause once\n{}",
+        out.dump()
+    );
 }

@@ -51,9 +51,8 @@ fn host_input_reaches_the_guest_through_hvc0() {
     .arg("--console")
     .arg("virtio")
     .stdin_piped()
-    .spawn();
     // Computed by the guest shell, so the kernel's echo of its command line cannot match.
-    vm.wait_for("hvc0-open-42", Duration::from_secs(300));
+    .spawn_until("hvc0-open-42", Duration::from_secs(300));
     vm.write_stdin(b"typed-into-hvc0\n");
     let out = vm.finish(Duration::from_secs(120));
     assert_eq!(out.code, Some(0), "{}", out.dump());
@@ -104,8 +103,7 @@ fn host_input_reaches_the_guest_through_ttys1() {
     .arg("--serial2")
     .arg("stdio")
     .stdin_piped()
-    .spawn();
-    vm.wait_for("ttyS1-open-42", Duration::from_secs(300));
+    .spawn_until("ttyS1-open-42", Duration::from_secs(300));
     vm.write_stdin(b"typed-into-ttyS1");
     let out = vm.finish(Duration::from_secs(120));
     assert_eq!(out.code, Some(0), "{}", out.dump());

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{temp_path, Vm};
+use common::{temp_path, TempFile, Vm};
 use serde_json::Value;
 
 fn read_report(path: &Path) -> Value {
@@ -44,28 +44,13 @@ fn register_reads(dev: &Value, register: &str) -> u64 {
 /// SIGUSR1 on x86_64 Linux.
 const SIGUSR1: i32 = 10;
 
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn exits_and_bytes_per_model_are_reported() {
     sandboxed!();
     const MIB: u64 = 4;
     let imgs: Vec<TempFile> = ["metrics-ide.img", "metrics-vd.img"]
         .iter()
-        .map(|t| {
-            let p = temp_path(t);
-            std::fs::File::create(&p)
-                .unwrap()
-                .set_len(16 << 20)
-                .unwrap();
-            TempFile(p)
-        })
+        .map(|t| TempFile::sparse(t, 16 << 20))
         .collect();
     let report = TempFile(temp_path("metrics.json"));
     let out = Vm::guest_running(&format!(
@@ -126,11 +111,10 @@ fn exits_and_bytes_per_model_are_reported() {
 fn sigusr1_writes_the_report_while_the_vm_runs() {
     sandboxed!();
     let report = TempFile(temp_path("metrics-usr1.json"));
-    let mut vm = Vm::guest_running("echo metrics-ready-$((6*7)); sleep 5")
+    let vm = Vm::guest_running("echo metrics-ready-$((6*7)); sleep 5")
         .arg("--metrics")
         .arg(&report.0)
-        .spawn();
-    vm.wait_for("metrics-ready-42", Duration::from_secs(300));
+        .spawn_until("metrics-ready-42", Duration::from_secs(300));
     // Written once at start (so a bad path fails early), with no exits yet.
     let first = count(&read_report(&report.0), "uptime_ns");
     vm.signal(SIGUSR1);
