@@ -74,7 +74,10 @@ def qemu_command(art, cpus, memory, cmd, dev):
     if virtio:
         # microvm has no i8042: reboot=t ends it through a triple fault (with -no-reboot).
         return argv + ["-append", f"console=ttyS0 reboot=t panic=-1 quiet {QEMU_MMIO_DEV0} -- {cmd}"]
-    return argv + ["-append", f"console=ttyS0 reboot=k panic=-1 quiet -- {cmd}"]
+    # ferrovm's IDE moves data by PIO only: its QEMU peer's guest is kept to PIO as well,
+    # unless the subject asks for the busmaster DMA the guest would pick by default.
+    pio = " libata.dma=0" if kind == "disk" and not dev.get("dma") else ""
+    return argv + ["-append", f"console=ttyS0 reboot=k panic=-1 quiet{pio} -- {cmd}"]
 
 
 def vm_command(vmm, art, cpus, memory, cmd, dev, metrics=None):
