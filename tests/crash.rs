@@ -4,7 +4,7 @@
 //! disk models: what the guest flushed was handed to the host before the flush completed,
 //! so no VMM-side buffer can lose it, however the VMM ends.
 //!
-//! FERROVM_CRASH_RUNS (default 10) sets the kills per model; FERROVM_CRASH_SEED the seed
+//! FERROVM_CRASH_RUNS (default 20) sets the kills per model; FERROVM_CRASH_SEED the seed
 //! of the kill points (printed, so a failure can be replayed).
 
 mod common;
@@ -138,7 +138,7 @@ fn kill_run(m: &Model, run: u64, acks_before_kill: u64, delay: Duration) -> (u64
 }
 
 fn acknowledged_records_survive_sigkill(m: &Model) {
-    let runs = env_or("FERROVM_CRASH_RUNS", 10);
+    let runs = env_or("FERROVM_CRASH_RUNS", 20);
     let seed = env_or("FERROVM_CRASH_SEED", 0x5eed_f00d) | 1;
     eprintln!("{}: {runs} kills, FERROVM_CRASH_SEED={seed}", m.name);
     let mut rng = Rng(seed);
