@@ -431,26 +431,20 @@ pub fn net(data: &[u8]) {
             break;
         }
     }
-    offers[0].check_used(&offers, &mem, "virtio-net rx");
-    let tx = offers[1].check_used(&offers, &mem, "virtio-net tx");
-    assert!(
-        tx.iter().all(|&(_, len)| len == 0),
-        "virtio-net: the device wrote into a transmit buffer: {tx:?}"
-    );
+    check_rx_tx(&offers, &mem, "virtio-net");
     let stats = dev.stats();
     assert_eq!(stats.tx_frames, sent.lock().unwrap().len() as u64);
 }
 
-/// A sink for console output.
-struct Discard;
-
-impl Write for Discard {
-    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+/// Checks a receive (0) and a transmit (1) queue's used rings; the device must not have
+/// written into any transmit buffer.
+fn check_rx_tx(offers: &[Offer; 2], mem: &GuestMemoryMmap, what: &str) {
+    offers[0].check_used(offers, mem, &format!("{what} rx"));
+    let tx = offers[1].check_used(offers, mem, &format!("{what} tx"));
+    assert!(
+        tx.iter().all(|&(_, len)| len == 0),
+        "{what}: the device wrote into a transmit buffer: {tx:?}"
+    );
 }
 
 /// Most host input one console input carries (a pipe takes it without blocking).
@@ -470,7 +464,7 @@ pub fn console(data: &[u8]) {
         Offer::take(&g.mem, 0, g.queues[0].size()),
         Offer::take(&g.mem, 1, g.queues[1].size()),
     ];
-    let mut dev = VirtioConsole::new(Box::new(Discard), Some(Box::new(reader)))
+    let mut dev = VirtioConsole::new(Box::new(io::sink()), Some(Box::new(reader)))
         .expect("virtio-console device");
     let (activation, mem) = activation(g, 0);
     dev.activate(activation).expect("activate");
@@ -480,12 +474,7 @@ pub fn console(data: &[u8]) {
             break;
         }
     }
-    offers[0].check_used(&offers, &mem, "virtio-console rx");
-    let tx = offers[1].check_used(&offers, &mem, "virtio-console tx");
-    assert!(
-        tx.iter().all(|&(_, len)| len == 0),
-        "virtio-console: the device wrote into a transmit buffer: {tx:?}"
-    );
+    check_rx_tx(&offers, &mem, "virtio-console");
 }
 
 /// Accesses one MMIO input makes at most.
@@ -507,7 +496,7 @@ pub fn mmio(data: &[u8]) {
         &blob[..blob.len().min((MEM_SIZE - DATA_START) as usize)],
     );
     let console = Arc::new(Mutex::new(
-        VirtioConsole::new(Box::new(Discard), None).expect("virtio-console device"),
+        VirtioConsole::new(Box::new(io::sink()), None).expect("virtio-console device"),
     ));
     let mut transport = MmioTransport::new(mem, console.clone(), interrupt());
     for _ in 0..MAX_MMIO_OPS {
