@@ -8,8 +8,10 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_run, CpuId, KVM_MP_STATE_HALTED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -25,6 +27,7 @@ use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_common, RegsError};
 use crate::devices::bus::Bus;
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vcpu_state::{self, VcpuState, VcpuStateError};
 
 /// RFLAGS.IF: interrupts enabled.
 const RFLAGS_IF: u64 = 1 << 9;
@@ -100,6 +103,21 @@ impl std::fmt::Display for GuestExit {
     }
 }
 
+/// What a parked vCPU thread is asked to do for the event loop.
+pub enum VcpuRequest {
+    /// Take the vCPU's state (snapshot, migration).
+    SaveState(Sender<Result<VcpuState, VcpuStateError>>),
+}
+
+/// Pausing: the event loop asks, every vCPU thread leaves KVM_RUN and parks until resumed,
+/// answering requests meanwhile (only a parked thread may touch its vCPU's state: KVM takes
+/// the vCPU's mutex for every vCPU ioctl).
+struct Pause {
+    requested: bool,
+    parked: Vec<bool>,
+    requests: Vec<Option<VcpuRequest>>,
+}
+
 /// State shared between the vCPU threads and the VMM's event loop.
 pub struct VmRunState {
     stop: AtomicBool,
@@ -108,16 +126,97 @@ pub struct VmRunState {
     pub exit_evt: EventFd,
     /// Per vCPU: last seen halted with interrupts disabled.
     dead_halt: Vec<AtomicBool>,
+    /// Read on every exit, so a pause costs the run loop one load.
+    pause_requested: AtomicBool,
+    pause: Mutex<Pause>,
+    pause_cv: Condvar,
 }
 
 impl VmRunState {
     pub fn new(num_vcpus: u8) -> std::io::Result<Self> {
+        let n = usize::from(num_vcpus);
         Ok(Self {
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             dead_halt: (0..num_vcpus).map(|_| AtomicBool::new(false)).collect(),
+            pause_requested: AtomicBool::new(false),
+            pause: Mutex::new(Pause {
+                requested: false,
+                parked: vec![false; n],
+                requests: (0..n).map(|_| None).collect(),
+            }),
+            pause_cv: Condvar::new(),
         })
+    }
+
+    fn pause_lock(&self) -> MutexGuard<'_, Pause> {
+        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every vCPU to park; `wait_parked` waits for them (after kicking them).
+    pub fn request_pause(&self) {
+        self.pause_lock().requested = true;
+        self.pause_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every vCPU thread parked, at most `timeout`; false on timeout.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.pause_lock();
+        while !p.parked.iter().all(|&x| x) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stopping() {
+                return false;
+            }
+            p = self
+                .pause_cv
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Lets the parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut p = self.pause_lock();
+        p.requested = false;
+        self.pause_requested.store(false, Ordering::SeqCst);
+        drop(p);
+        self.pause_cv.notify_all();
+    }
+
+    /// Whether a pause is requested (or in effect).
+    pub fn paused(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Hands `req` to parked vCPU `id`.
+    pub fn request(&self, id: u8, req: VcpuRequest) {
+        self.pause_lock().requests[usize::from(id)] = Some(req);
+        self.pause_cv.notify_all();
+    }
+
+    /// Parks the calling vCPU thread until resumed or stopped, serving requests.
+    fn park(&self, id: u8, mut serve: impl FnMut(VcpuRequest)) {
+        let i = usize::from(id);
+        let mut p = self.pause_lock();
+        p.parked[i] = true;
+        self.pause_cv.notify_all();
+        loop {
+            if let Some(req) = p.requests[i].take() {
+                drop(p);
+                serve(req);
+                p = self.pause_lock();
+                continue;
+            }
+            if !p.requested || self.stopping() {
+                break;
+            }
+            p = self.pause_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        p.parked[i] = false;
     }
 
     /// Records why the guest stopped; only the first report counts.
@@ -136,9 +235,11 @@ impl VmRunState {
         self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Asks every vCPU loop to return at its next check.
+    /// Asks every vCPU loop to return at its next check (parked ones too).
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        let _p = self.pause_lock();
+        self.pause_cv.notify_all();
     }
 
     fn stopping(&self) -> bool {
@@ -272,6 +373,8 @@ pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
     coalesced: Option<Arc<CoalescedRing>>,
+    /// The MSRs its state includes (KVM_GET_MSR_INDEX_LIST).
+    msr_indices: Arc<Vec<u32>>,
 }
 
 /// A running vCPU thread.
@@ -302,6 +405,25 @@ impl Vcpu {
             id,
             fd,
             coalesced: None,
+            msr_indices: Arc::new(Vec::new()),
+        }
+    }
+
+    /// The MSRs to save with its state.
+    pub fn set_msr_indices(&mut self, msrs: Arc<Vec<u32>>) {
+        self.msr_indices = msrs;
+    }
+
+    /// Puts a saved state into this (never run) vCPU, instead of `configure`.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuStateError> {
+        vcpu_state::restore(&self.fd, state)
+    }
+
+    fn serve(&self, req: VcpuRequest) {
+        match req {
+            VcpuRequest::SaveState(reply) => {
+                let _ = reply.send(vcpu_state::save(&self.fd, self.id, &self.msr_indices));
+            }
         }
     }
 
@@ -379,6 +501,10 @@ impl Vcpu {
                     drain_coalesced(id, self.coalesced.as_deref(), pio, mmio);
                     if state.stopping() {
                         return None;
+                    }
+                    if state.paused() {
+                        state.park(id, |req| self.serve(req));
+                        continue;
                     }
                     // A periodic kick from the VMM: tell it whether this vCPU is gone for good.
                     let dead = self.dead_halted();

@@ -240,6 +240,70 @@ impl KvmVm {
         &self.fd
     }
 
+    /// The MSRs a vCPU's saved state includes: every one KVM lists as saveable.
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .map_err(|e| VmError::Kvm("read KVM's MSR list", e))
+    }
+
+    /// The in-kernel devices' state: PIT, kvmclock, both PICs and the IOAPIC. Taken with
+    /// every vCPU stopped.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| VmError::Kvm("read an interrupt controller", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::Kvm("read the PIT", e))?,
+            clock: self
+                .fd
+                .get_clock()
+                .map_err(|e| VmError::Kvm("read kvmclock", e))?,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Puts `state` back, before any vCPU runs. The clock goes back to the value it had when
+    /// the state was taken, so the guest's monotonic time does not jump over the time the
+    /// VM spent as a snapshot.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(|e| VmError::Kvm("restore the PIT", e))?;
+        let mut clock = state.clock;
+        // Only the clock value: the flags KVM reported (TSC_STABLE, REALTIME) are not
+        // accepted back.
+        clock.flags = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| VmError::Kvm("restore kvmclock", e))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmError::Kvm("restore an interrupt controller", e))?;
+        }
+        Ok(())
+    }
+
+    /// Hands KVM the routing table again (after a restore, with the MSI routes the
+    /// restored MSI-X tables programmed).
+    pub fn router_reapply(&self) -> Result<(), VmError> {
+        self.router.apply()
+    }
+
     /// The interrupt routing table, shared with the MSI-X tables that program it.
     pub fn router(&self) -> &Arc<GsiRouter> {
         &self.router
@@ -250,6 +314,16 @@ impl KvmVm {
     pub fn ioevents(&self) -> IoEvents {
         IoEvents(self.fd.clone())
     }
+}
+
+/// The in-kernel devices' saved state.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
 }
 
 /// KVM's GSI routing table (`KVM_SET_GSI_ROUTING` replaces it whole): the IOAPIC and PIC
@@ -284,11 +358,20 @@ impl GsiRouter {
     pub fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmError> {
         let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
         msi.insert(gsi, (address, data));
-        let table = routing_table(&msi);
+        self.set(&msi)
+    }
+
+    fn set(&self, msi: &BTreeMap<u32, (u64, u32)>) -> Result<(), VmError> {
+        let table = routing_table(msi);
         let routes = table.as_slice().len();
         self.vm
             .set_gsi_routing(&table)
             .map_err(|source| VmError::GsiRouting { routes, source })
+    }
+
+    fn apply(&self) -> Result<(), VmError> {
+        let msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        self.set(&msi)
     }
 }
 
