@@ -359,6 +359,8 @@ pub struct VmConfig {
     pub metrics: Option<PathBuf>,
     /// Whether each VMM thread runs under its seccomp allow-list (off: `--no-seccomp`).
     pub seccomp: bool,
+    /// Go on when /dev/kvm has no hardware virtualization under it (`--allow-emulated-kvm`).
+    pub allow_emulated_kvm: bool,
 }
 
 impl VmConfig {
@@ -377,6 +379,7 @@ impl VmConfig {
             serial2: None,
             metrics: None,
             seccomp: true,
+            allow_emulated_kvm: false,
         }
     }
 
