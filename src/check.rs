@@ -10,9 +10,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use kvm_bindings::{
-    KVM_CAP_BINARY_STATS_FD, KVM_CAP_COALESCED_PIO, KVM_CAP_IRQ_ROUTING, KVM_CAP_SIGNAL_MSI,
-};
+use kvm_bindings::{KVM_CAP_BINARY_STATS_FD, KVM_CAP_COALESCED_PIO, KVM_CAP_SIGNAL_MSI};
 use kvm_ioctls::Kvm;
 use log::{info, warn};
 
@@ -44,15 +42,9 @@ const MORE_CAPS: &[(u32, &str, &str, bool)] = &[
         true,
     ),
     (
-        KVM_CAP_IRQ_ROUTING,
-        "KVM_CAP_IRQ_ROUTING",
-        "GSI routing for MSI (not used yet)",
-        false,
-    ),
-    (
         KVM_CAP_SIGNAL_MSI,
         "KVM_CAP_SIGNAL_MSI",
-        "MSI injection (not used yet)",
+        "MSI injection without a route (not used: MSI-X goes through GSI routes and irqfds)",
         false,
     ),
     (
@@ -376,6 +368,7 @@ fn purpose(cap: &str) -> &'static str {
         "KVM_CAP_IOEVENTFD" => "ioeventfd: virtio queue notifications without an exit to the VMM",
         "KVM_CAP_IRQCHIP" => "the in-kernel IOAPIC, PIC and LAPICs",
         "KVM_CAP_IMMEDIATE_EXIT" => "stopping vCPUs without a race",
+        "KVM_CAP_IRQ_ROUTING" => "GSI routing: MSI-X of the virtio-pci devices",
         _ => "ferrovm run needs it",
     }
 }

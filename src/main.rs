@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use ferrovm::config::{ConsoleConfig, DiskConfig, NetConfig, SerialBackend, DEFAULT_CMDLINE};
+use ferrovm::config::{
+    ConsoleConfig, DiskConfig, NetConfig, SerialBackend, VirtioTransport, DEFAULT_CMDLINE,
+};
 use ferrovm::leftovers::Leftovers;
 use ferrovm::{terminal, VmConfig, Vmm};
 
@@ -86,19 +88,22 @@ struct RunArgs {
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     serial: SerialBackend,
 
-    /// A raw disk image, PATH[,readonly][,model=virtio|ide][,serial=ID]; repeatable.
-    /// virtio disks appear as /dev/vda, /dev/vdb, ... (root=/dev/vda boots from the first);
-    /// model=ide disks (at most 4, emulated ATA on a PIIX IDE controller) as /dev/sda, ...
+    /// A raw disk image, PATH[,readonly][,model=virtio|ide][,transport=pci|mmio][,serial=ID];
+    /// repeatable. virtio disks appear as /dev/vda, /dev/vdb, ... (root=/dev/vda boots from
+    /// the first); model=ide disks (at most 4, emulated ATA on a PIIX IDE controller) as
+    /// /dev/sda, ...
     #[arg(long = "disk", value_name = "DISK")]
     disks: Vec<DiskConfig>,
 
-    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio|ne2k]; repeatable.
+    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio|ne2k]
+    /// [,transport=pci|mmio]; repeatable.
     /// model=ne2k is an emulated NE2000 PCI card (RTL8029). tap=auto creates a TAP named
     /// fvmtapN for the VM's lifetime (needs CAP_NET_ADMIN)
     #[arg(long = "net", value_name = "NIC")]
     nets: Vec<NetConfig>,
 
-    /// A paravirtual console (/dev/hvc0), virtio[,stdio|,file=PATH|,none]; with stdio it
+    /// A paravirtual console (/dev/hvc0), virtio[,stdio|,file=PATH|,none][,transport=pci|mmio];
+    /// with stdio it
     /// takes the terminal's input (the serial port keeps its output)
     #[arg(long, value_name = "CONSOLE")]
     console: Option<ConsoleConfig>,
@@ -117,6 +122,19 @@ struct RunArgs {
     /// it needs, and a forbidden one stops the VMM with status 159); for debugging only
     #[arg(long)]
     no_seccomp: bool,
+
+    /// The transport of virtio devices that do not choose one with transport=: "pci"
+    /// (virtio-pci with MSI-X, what distribution and defconfig kernels find) or "mmio"
+    /// (virtio-mmio, described in the DSDT, or on the command line under --no-acpi)
+    #[arg(long, value_name = "pci|mmio", default_value = "pci")]
+    virtio_transport: VirtioTransport,
+
+    /// Give the guest no ACPI tables: it finds its CPUs and interrupt routing in the MP
+    /// table, virtio-mmio devices on the kernel command line, and powers off by halting
+    /// (for kernels built without CONFIG_ACPI; `acpi=off` on the command line does the same
+    /// for the guest but keeps the tables)
+    #[arg(long)]
+    no_acpi: bool,
 
     /// Run even when /dev/kvm has no hardware virtualization (vmx/svm) under it, e.g. a
     /// software KVM; the guest then fails when KVM cannot emulate an instruction (see
@@ -140,6 +158,8 @@ impl From<RunArgs> for VmConfig {
             serial2: a.serial2,
             metrics: a.metrics,
             seccomp: !a.no_seccomp,
+            virtio_transport: a.virtio_transport,
+            acpi: !a.no_acpi,
             allow_emulated_kvm: a.allow_emulated_kvm,
         }
     }

@@ -54,6 +54,8 @@ pub enum GuestExit {
     /// Every vCPU is halted with interrupts off: what Linux does for `poweroff` and `halt`
     /// on a machine without ACPI. Nothing can wake it again.
     Halted,
+    /// The guest entered ACPI S5 (soft off) through the sleep control register.
+    PowerOff,
     /// A triple fault the guest did not ask for: the guest kernel crashed.
     TripleFault { vcpu: u8 },
     /// KVM could not emulate something (`KVM_EXIT_INTERNAL_ERROR`).
@@ -67,7 +69,7 @@ pub enum GuestExit {
 impl GuestExit {
     /// Whether this is how a guest ends on purpose.
     pub fn is_clean(&self) -> bool {
-        matches!(self, Self::Reset | Self::Halted)
+        matches!(self, Self::Reset | Self::Halted | Self::PowerOff)
     }
 }
 
@@ -80,6 +82,7 @@ impl std::fmt::Display for GuestExit {
                 "the guest restarted without shutting down: a kernel panic (see its console) or an emergency reboot"
             ),
             Self::Halted => write!(f, "the guest powered off (all vCPUs halted)"),
+            Self::PowerOff => write!(f, "the guest powered off (ACPI S5)"),
             Self::TripleFault { vcpu } => write!(
                 f,
                 "guest triple fault on vCPU {vcpu}: the guest kernel crashed (KVM_EXIT_SHUTDOWN)"

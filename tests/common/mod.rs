@@ -140,6 +140,54 @@ pub fn artifacts() -> &'static Artifacts {
     })
 }
 
+thread_local! {
+    /// Whether `Vm::guest` on this thread boots the stock Debian kernel (see `on_stock_kernel`).
+    static STOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guard lives, `Vm::guest` on this thread boots the stock Debian
+/// kernel of `scripts/stock-kernel` (modular, with its modules in the initramfs) instead of
+/// the project's: the same test bodies then check that the kernels people have work.
+pub fn on_stock_kernel() -> StockGuard {
+    STOCK.with(|s| s.set(true));
+    StockGuard
+}
+
+pub struct StockGuard;
+
+impl Drop for StockGuard {
+    fn drop(&mut self) {
+        STOCK.with(|s| s.set(false));
+    }
+}
+
+/// The stock kernel and its initramfs: from `FERROVM_STOCK_VMLINUZ` and
+/// `FERROVM_STOCK_INITRAMFS` (scripts/test sets them), else `scripts/stock-kernel`.
+pub fn stock_artifacts() -> &'static (PathBuf, PathBuf) {
+    static STOCK_PATHS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    STOCK_PATHS.get_or_init(|| {
+        let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        if let (Some(k), Some(i)) = (env("FERROVM_STOCK_VMLINUZ"), env("FERROVM_STOCK_INITRAMFS")) {
+            return (k, i);
+        }
+        let out = Command::new(repo_root().join("scripts/stock-kernel"))
+            .arg("--print-paths")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/stock-kernel --print-paths");
+        assert!(out.status.success(), "scripts/stock-kernel failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let get = |key: &str| {
+            PathBuf::from(
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                    .unwrap_or_else(|| panic!("stock-kernel printed no {key}=:\n{text}")),
+            )
+        };
+        (get("stock_kernel"), get("stock_initramfs"))
+    })
+}
+
 /// The kernel command line the tests boot with (before any ` -- `). `quiet` keeps the
 /// kernel's informational boot log off the console (errors, warnings and panics still
 /// print): in the nested sandbox every byte through the 16550A costs about a millisecond of
@@ -240,14 +288,17 @@ impl Vm {
         }
     }
 
-    /// `ferrovm run` with the default guest (ELF vmlinux + initramfs).
+    /// `ferrovm run` with the default guest (ELF vmlinux + initramfs), or the stock Debian
+    /// kernel and its initramfs under `on_stock_kernel`.
     pub fn guest() -> Self {
-        let a = artifacts();
+        let (kernel, initrd) = if STOCK.with(|s| s.get()) {
+            stock_artifacts().clone()
+        } else {
+            let a = artifacts();
+            (a.vmlinux.clone(), a.initramfs.clone())
+        };
         let mut vm = Self::new();
-        vm.arg("--kernel")
-            .arg(&a.vmlinux)
-            .arg("--initrd")
-            .arg(&a.initramfs);
+        vm.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd);
         vm.expects_userspace = true;
         vm
     }

@@ -1,6 +1,7 @@
 //! x86_64: the memory layout, kernel loading and boot parameters, vCPU register state,
-//! CPUID and the MP table.
+//! CPUID, the MP table and the ACPI tables.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
