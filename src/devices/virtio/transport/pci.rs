@@ -675,6 +675,7 @@ mod tests {
         assert_eq!(h.cfg(caps[1].0 + 2, 1), 20, "notify cap length");
         // MSI-X: 3 vectors, table at 0x4000, PBA at 0x5000, both in BAR 0.
         let msix = h.t.msix_cap;
+        assert_eq!(msix, 0x98, "the fuzz seeds of virtio_pci address it there");
         assert_eq!(h.cfg(msix, 1), u32::from(PCI_CAP_ID_MSIX));
         assert_eq!(h.cfg(msix + 2, 2), 2);
         assert_eq!(h.cfg(msix + 4, 4), 0x4000);
