@@ -441,6 +441,8 @@ pub struct VmConfig {
     pub virtio_transport: VirtioTransport,
     /// Whether the guest gets ACPI tables (off: `--no-acpi`, MP table only).
     pub acpi: bool,
+    /// Go on when /dev/kvm has no hardware virtualization under it (`--allow-emulated-kvm`).
+    pub allow_emulated_kvm: bool,
 }
 
 impl VmConfig {
@@ -461,6 +463,7 @@ impl VmConfig {
             seccomp: true,
             virtio_transport: VirtioTransport::Pci,
             acpi: true,
+            allow_emulated_kvm: false,
         }
     }
 

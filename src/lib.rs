@@ -15,8 +15,11 @@
 //!    reboots, powers off or crashes.
 //!
 //! `seccomp` puts every thread under an allow-list of syscalls once its setup is done.
+//! `check` tells whether the host has what ferrovm needs (`ferrovm check`, and the start-up
+//! check for hardware virtualization under /dev/kvm).
 
 pub mod arch;
+pub mod check;
 pub mod config;
 pub mod devices;
 /// Fuzz targets and the bounded runner CI uses (tests and the `fuzzing` feature only).

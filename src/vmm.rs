@@ -19,6 +19,7 @@ use crate::arch::x86_64::acpi::{setup_acpi, AcpiError};
 use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError};
 use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
+use crate::check::CheckError;
 use crate::config::{ConfigError, DeviceModel, SerialBackend, VmConfig};
 use crate::devices::disk::{DiskError, RawFile};
 use crate::devices::emulated::ide::AtaDisk;
@@ -71,6 +72,8 @@ pub enum VmmError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Check(#[from] CheckError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -226,6 +229,9 @@ impl Vmm {
         // Memory first: a host that cannot give it is told so whether or not KVM is there.
         let mem = create_guest_memory(cfg.mem_bytes())?;
         let vm = KvmVm::new(cfg.vcpus)?;
+        // After the KVM device errors (a host without /dev/kvm is told that first), before
+        // anything runs on a KVM that would fail the guest minutes later.
+        crate::check::require_hardware_virtualization(cfg.allow_emulated_kvm)?;
         vm.register_memory(&mem)?;
 
         let mut event_manager = DeviceEventManager::new().map_err(VmmError::EventLoop)?;

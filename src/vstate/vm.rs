@@ -27,8 +27,8 @@ pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 /// Bit 16 of an IOAPIC redirection entry: the pin is masked.
 const IOAPIC_REDIR_MASKED: u64 = 1 << 16;
 
-/// Capabilities the VMM cannot run without.
-const REQUIRED_CAPS: &[(Cap, &str)] = &[
+/// Capabilities the VMM cannot run without (`ferrovm check` lists them too).
+pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
@@ -118,10 +118,7 @@ impl KvmVm {
     /// Opens the KVM device (`FERROVM_KVM_DEVICE` or /dev/kvm) and creates a VM with an
     /// in-kernel irqchip and PIT.
     pub fn new(max_vcpus: u8) -> Result<Self, VmError> {
-        let path = std::env::var_os("FERROVM_KVM_DEVICE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE));
-        let kvm = open_kvm(&path)?;
+        let kvm = open_kvm(&kvm_device_path())?;
         for (cap, name) in REQUIRED_CAPS {
             if !kvm.check_extension(*cap) {
                 return Err(VmError::MissingCap(name));
@@ -445,7 +442,15 @@ impl IoEvents {
     }
 }
 
-fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+/// The KVM device node: `FERROVM_KVM_DEVICE`, else /dev/kvm.
+pub fn kvm_device_path() -> PathBuf {
+    std::env::var_os("FERROVM_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE))
+}
+
+/// Opens the KVM device at `path` and checks its API version.
+pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let cpath =
         CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| VmError::KvmMissing {
             path: path.to_path_buf(),

@@ -331,6 +331,16 @@ impl Vm {
         self
     }
 
+    /// Makes ferrovm's hardware virtualization check see a host without it, whatever this
+    /// one has: CPU flags without vmx/svm and the software KVM module (`FERROVM_TEST_CPUINFO`,
+    /// `FERROVM_TEST_SYS_MODULE`).
+    pub fn as_if_kvm_were_emulated(&mut self) -> &mut Self {
+        let (cpuinfo, modules) =
+            fake_host("fpu vme de pse tsc msr hypervisor", &["kvm", "kvm_pvm"]);
+        self.env("FERROVM_TEST_CPUINFO", cpuinfo)
+            .env("FERROVM_TEST_SYS_MODULE", modules)
+    }
+
     /// Runs to completion and collects its output; a run past the timeout is killed and
     /// fails the test with everything it printed.
     ///
@@ -397,6 +407,25 @@ pub fn temp_path(tag: &str) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     std::env::temp_dir().join(format!("ferrovm-test-{}-{n}-{tag}", std::process::id()))
+}
+
+/// A /proc/cpuinfo with `flags` and a /sys/module with directories `modules`, in a fresh
+/// directory under the temp dir (left there: a few bytes): for `FERROVM_TEST_CPUINFO` and
+/// `FERROVM_TEST_SYS_MODULE`.
+pub fn fake_host(flags: &str, modules: &[&str]) -> (PathBuf, PathBuf) {
+    let dir = temp_path("fake-host");
+    let sys_module = dir.join("module");
+    std::fs::create_dir_all(&sys_module).unwrap();
+    for m in modules {
+        std::fs::create_dir_all(sys_module.join(m)).unwrap();
+    }
+    let cpuinfo = dir.join("cpuinfo");
+    std::fs::write(
+        &cpuinfo,
+        format!("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\n"),
+    )
+    .unwrap();
+    (cpuinfo, sys_module)
 }
 
 /// A minimal x86_64 `vmlinux`-shaped ELF whose entry (at 1 MiB, entered in 64-bit mode
