@@ -54,7 +54,7 @@ pub enum ConfigError {
 }
 
 /// Where the guest's serial port goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SerialBackend {
     /// The VMM's stdin/stdout; the terminal goes to raw mode while the guest runs.
     Stdio,
@@ -98,7 +98,7 @@ pub const MAX_DEVICES_PER_KIND: usize = 8;
 pub const MAX_IDE_DISKS: usize = 4;
 
 /// Which device model serves a device class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum DeviceModel {
     /// Paravirtual: virtio over virtio-mmio.
     #[default]
@@ -138,7 +138,7 @@ impl DeviceModel {
 }
 
 /// The transport that carries a virtio device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum VirtioTransport {
     /// virtio-pci (modern, MSI-X): what distribution and `defconfig` kernels find.
     #[default]
@@ -198,7 +198,7 @@ fn parse_options(s: &str) -> Vec<(&str, Option<&str>)> {
 
 /// A disk image given with
 /// `--disk PATH[,readonly][,model=virtio|ide][,transport=pci|mmio][,serial=ID]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
@@ -262,7 +262,7 @@ impl FromStr for DiskConfig {
 }
 
 /// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl FromStr for MacAddr {
@@ -302,7 +302,7 @@ impl fmt::Display for MacAddr {
 }
 
 /// Which host TAP device a NIC uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TapConfig {
     /// An existing TAP device (or one the VMM may create) with this name.
     Named(String),
@@ -314,7 +314,7 @@ pub enum TapConfig {
 pub const IFNAME_MAX: usize = 15;
 
 /// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio|ne2k][,transport=pci|mmio]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: TapConfig,
     pub mac: Option<MacAddr>,
@@ -374,7 +374,7 @@ impl FromStr for NetConfig {
 
 /// The paravirtual console given with
 /// `--console virtio[,file=PATH|,stdio|,none][,transport=pci|mmio]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConsoleConfig {
     pub model: DeviceModel,
     pub backend: SerialBackend,
@@ -420,7 +420,7 @@ impl FromStr for ConsoleConfig {
 }
 
 /// Everything needed to build and boot one VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -443,6 +443,9 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Go on when /dev/kvm has no hardware virtualization under it (`--allow-emulated-kvm`).
     pub allow_emulated_kvm: bool,
+    /// The control socket (`--api-sock`).
+    #[serde(default)]
+    pub api_sock: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -464,6 +467,7 @@ impl VmConfig {
             virtio_transport: VirtioTransport::Pci,
             acpi: true,
             allow_emulated_kvm: false,
+            api_sock: None,
         }
     }
 
@@ -484,6 +488,11 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_input_file("initrd", initrd)?;
         }
+        self.validate_machine()
+    }
+
+    /// Everything but the kernel and initrd files (a restored VM needs neither).
+    pub fn validate_machine(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount(self.vcpus));
         }

@@ -18,6 +18,7 @@
 //! `check` tells whether the host has what ferrovm needs (`ferrovm check`, and the start-up
 //! check for hardware virtualization under /dev/kvm).
 
+pub mod api;
 pub mod arch;
 pub mod check;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod devices;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod leftovers;
+pub mod persist;
 pub mod seccomp;
 pub mod terminal;
 pub mod vmm;

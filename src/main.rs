@@ -48,6 +48,70 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore a snapshot (taken with `ferrovm snapshot`) in this new process and run it:
+    /// the guest continues where it stopped. Exit status as for `run`.
+    Restore {
+        /// The snapshot directory
+        #[arg(long, value_name = "DIR")]
+        snapshot: PathBuf,
+        /// A control socket for the restored VM
+        #[arg(long, value_name = "PATH")]
+        api_sock: Option<PathBuf>,
+    },
+    /// Print the VM's state, configuration and uptime (JSON), from its control socket.
+    Info(ClientArgs),
+    /// Pause every vCPU of the VM.
+    Pause(ClientArgs),
+    /// Resume a paused VM.
+    Resume(ClientArgs),
+    /// Write a snapshot of the paused VM to DIR (new or empty); `ferrovm restore` runs it.
+    Snapshot {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Where the snapshot goes
+        dir: PathBuf,
+    },
+    /// Print the VM's device counters (the --metrics report, JSON).
+    Metrics(ClientArgs),
+    /// Press the VM's ACPI power button (the guest decides what to do).
+    PowerButton(ClientArgs),
+    /// Stop the VM at once; its ferrovm exits with status 0.
+    Shutdown(ClientArgs),
+}
+
+/// How a client subcommand finds its VM.
+#[derive(Args)]
+struct ClientArgs {
+    /// The VM's control socket (`ferrovm run --api-sock PATH`)
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+}
+
+/// Sends `op` to the VM behind `sock`; prints the answer (JSON on stdout, an error line on
+/// stderr) and returns the exit status: 0 for a 2xx answer, 1 otherwise.
+fn client(op: &str, sock: &std::path::Path, dir: Option<&std::path::Path>) -> ExitCode {
+    use ferrovm::api::client;
+    let (method, path, body) = client::request_for(op, dir);
+    match client::call(sock, method, &path, &body) {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            if !body.is_empty() {
+                println!("{body}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let msg = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(String::from))
+                .unwrap_or(body);
+            eprintln!("ferrovm: error: {op} failed ({status}): {msg}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -136,6 +200,12 @@ struct RunArgs {
     #[arg(long)]
     no_acpi: bool,
 
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api/openapi.json) on a Unix socket at
+    /// PATH (mode 0600): `ferrovm info|pause|resume|snapshot|... --api-sock PATH` or
+    /// `curl --unix-socket PATH http://localhost/api/v1/vm.info`
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+
     /// Run even when /dev/kvm has no hardware virtualization (vmx/svm) under it, e.g. a
     /// software KVM; the guest then fails when KVM cannot emulate an instruction (see
     /// `ferrovm check`; scripts/kvm-sandbox gives a working KVM on such hosts)
@@ -161,8 +231,15 @@ impl From<RunArgs> for VmConfig {
             virtio_transport: a.virtio_transport,
             acpi: !a.no_acpi,
             allow_emulated_kvm: a.allow_emulated_kvm,
+            api_sock: a.api_sock,
         }
     }
+}
+
+/// What `run` and `restore` start.
+enum Launch {
+    Boot(Box<VmConfig>),
+    Restore(PathBuf, Option<PathBuf>),
 }
 
 /// Prints an error and its causes on one line, each cause once.
@@ -200,8 +277,16 @@ fn main() -> ExitCode {
         .init();
     terminal::install_panic_restore();
 
-    let args = match Cli::parse().command {
-        Command::Run(args) => args,
+    let vm = match Cli::parse().command {
+        Command::Run(args) => Launch::Boot(Box::new(VmConfig::from(args))),
+        Command::Restore { snapshot, api_sock } => Launch::Restore(snapshot, api_sock),
+        Command::Info(c) => return client("info", &c.api_sock, None),
+        Command::Pause(c) => return client("pause", &c.api_sock, None),
+        Command::Resume(c) => return client("resume", &c.api_sock, None),
+        Command::Metrics(c) => return client("metrics", &c.api_sock, None),
+        Command::PowerButton(c) => return client("power-button", &c.api_sock, None),
+        Command::Shutdown(c) => return client("shutdown", &c.api_sock, None),
+        Command::Snapshot { client: c, dir } => return client("snapshot", &c.api_sock, Some(&dir)),
         Command::Check { json } => {
             let report = ferrovm::check::Report::of_this_host();
             print!("{}", if json { report.json() } else { report.text() });
@@ -216,8 +301,11 @@ fn main() -> ExitCode {
     if !at_start.fds.is_empty() {
         log::debug!("Inherited from the parent: {at_start}");
     }
-    let cfg = VmConfig::from(args);
-    let result = Vmm::build(&cfg).and_then(Vmm::run);
+    let result = match vm {
+        Launch::Boot(cfg) => Vmm::build(&cfg),
+        Launch::Restore(dir, sock) => Vmm::restore(&dir, sock),
+    }
+    .and_then(Vmm::run);
     // The VMM is gone (run consumes it): every device thread should be joined and every
     // file, TAP, eventfd and KVM fd it opened closed by now.
     report_leftovers(&at_start);

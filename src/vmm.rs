@@ -15,6 +15,7 @@ use log::{debug, error, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal};
 
+use crate::api::{ApiError, ApiSocket, Pending};
 use crate::arch::x86_64::acpi::{setup_acpi, AcpiError};
 use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError};
 use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
@@ -24,6 +25,7 @@ use crate::config::{ConfigError, DeviceModel, SerialBackend, VmConfig};
 use crate::devices::disk::{DiskError, RawFile};
 use crate::devices::emulated::ide::AtaDisk;
 use crate::devices::host_input::stdin_input;
+use crate::devices::legacy::AcpiPm;
 use crate::devices::legacy::SerialInputHandler;
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::metrics::MetricsRegistry;
@@ -31,15 +33,21 @@ use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::console::ConsoleError;
 use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
 use crate::devices::virtio::{VirtioBlock, VirtioConsole};
-use crate::devices::{Bus, DeviceEventManager};
+use crate::devices::{Bus, DeviceEventManager, Persist};
+use crate::persist::{PersistError, Snapshot};
 use crate::seccomp::{SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::vstate::coalesced::CoalescedRing;
-use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::vstate::memory::{
+    create_guest_memory, map_snapshot_memory, GuestMemoryMmap, MemoryError, SnapshotMemoryError,
+};
 use crate::vstate::vcpu::{
     register_kick_handler, GuestExit, Vcpu, VcpuError, VcpuHandle, VmRunState,
 };
+use crate::vstate::vcpu_state::VcpuStateError;
 use crate::vstate::vm::{KvmVm, VmError};
+
+mod control;
 
 /// How often the event loop checks for a powered-off guest (all vCPUs halted for good).
 const HALT_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -122,6 +130,18 @@ pub enum VmmError {
     CoalescedRing(#[source] std::io::Error),
     #[error("Failed to create an eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error(transparent)]
+    SnapshotMemory(#[from] SnapshotMemoryError),
+    #[error("Failed to restore vCPU {0}")]
+    VcpuState(u8, #[source] VcpuStateError),
+    #[error("Failed to restore the state of device {device} from the snapshot: {why}")]
+    DeviceState { device: String, why: String },
+    #[error("The snapshot's {what} does not match the VM it describes: {why}")]
+    SnapshotMismatch { what: &'static str, why: String },
 }
 
 /// Why the VM ended.
@@ -130,6 +150,10 @@ pub enum ExitReason {
     Guest(GuestExit),
     /// The VMM received this termination signal.
     Signal(i32),
+    /// A client asked for it on the control socket (`vm.shutdown`).
+    Requested,
+    /// The VM moved on (live migration): this process's part is done.
+    Migrated,
 }
 
 impl ExitReason {
@@ -140,6 +164,7 @@ impl ExitReason {
             Self::Guest(g) if g.is_clean() => 0,
             Self::Guest(_) => 1,
             Self::Signal(n) => 128 + n,
+            Self::Requested | Self::Migrated => 0,
         }
     }
 }
@@ -149,8 +174,24 @@ impl std::fmt::Display for ExitReason {
         match self {
             Self::Guest(g) => g.fmt(f),
             Self::Signal(n) => write!(f, "stopped by signal {}", signal_name(*n)),
+            Self::Requested => write!(f, "stopped through the control socket"),
+            Self::Migrated => write!(f, "the VM migrated to another process"),
         }
     }
+}
+
+/// An error and its causes on one line, each cause once (what main prints).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(&format!(": {text}"));
+        }
+        source = cause.source();
+    }
+    line
 }
 
 /// Tells an orderly guest restart from a crash by the state the guest left its interrupt
@@ -180,7 +221,7 @@ pub struct Vmm {
     // Declared before `mem` so vCPUs and the VM go away before the memory they map.
     vcpus: Vec<Vcpu>,
     vm: KvmVm,
-    _mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     event_manager: DeviceEventManager,
@@ -188,6 +229,26 @@ pub struct Vmm {
     raw_terminal: bool,
     metrics: MetricsRegistry,
     metrics_path: Option<PathBuf>,
+    /// The configuration it was built from (what `vm.info` shows and snapshots carry).
+    config: VmConfig,
+    /// What snapshots carry of the devices, by id.
+    persist: Vec<(String, Arc<Mutex<dyn Persist>>)>,
+    acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
+    /// The control socket, until `run` starts its thread.
+    api_socket: Option<ApiSocket>,
+    /// When the VM started running in this process, and how long it had run before (a
+    /// restored snapshot's uptime).
+    started: Instant,
+    uptime_before_ms: u64,
+    restored_from: Option<PathBuf>,
+}
+
+/// Where a VM's state comes from.
+enum Source {
+    /// A fresh boot of the configured kernel.
+    Boot(crate::arch::x86_64::boot::BootPlan),
+    /// A snapshot directory.
+    Snapshot(Box<Snapshot>, PathBuf),
 }
 
 impl Vmm {
@@ -198,10 +259,29 @@ impl Vmm {
         crate::seccomp::init(cfg.seccomp)?;
         // Bad kernel or initrd files are reported before KVM is touched.
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
-        let (serial_out, serial_wants_stdin) = open_serial_backend(&cfg.serial)?;
-        let serial2 = cfg.serial2.as_ref().map(open_serial_backend).transpose()?;
+        Self::assemble(cfg, Source::Boot(boot_plan))
+    }
+
+    /// Builds the VM a snapshot directory describes, in the state it was taken in; nothing
+    /// runs yet. The same disk files and TAPs (by name) are opened again, the consoles
+    /// re-attached (output files appended to), and guest memory mapped from the snapshot.
+    /// `api_sock` replaces the snapshot's control socket.
+    pub fn restore(dir: &std::path::Path, api_sock: Option<PathBuf>) -> Result<Self, VmmError> {
+        let snap = crate::persist::read_state(dir)?;
+        let mut cfg = snap.config.clone();
+        cfg.api_sock = api_sock;
+        cfg.validate_machine()?;
+        crate::seccomp::init(cfg.seccomp)?;
+        Self::assemble(&cfg, Source::Snapshot(Box::new(snap), dir.to_path_buf()))
+    }
+
+    fn assemble(cfg: &VmConfig, source: Source) -> Result<Self, VmmError> {
+        let restoring = matches!(source, Source::Snapshot(..));
+        let open = |b: &SerialBackend| open_serial_backend(b, restoring);
+        let (serial_out, serial_wants_stdin) = open(&cfg.serial)?;
+        let serial2 = cfg.serial2.as_ref().map(open).transpose()?;
         let console = match &cfg.console {
-            Some(c) => Some(open_serial_backend(&c.backend)?),
+            Some(c) => Some(open(&c.backend)?),
             None => None,
         };
         // Stdin has one reader: the virtio console when it is on stdio, else ttyS0, else ttyS1.
@@ -227,12 +307,30 @@ impl Vmm {
         }
 
         // Memory first: a host that cannot give it is told so whether or not KVM is there.
-        let mem = create_guest_memory(cfg.mem_bytes())?;
+        let mem = match &source {
+            Source::Boot(_) => create_guest_memory(cfg.mem_bytes())?,
+            Source::Snapshot(snap, dir) => {
+                let file = crate::persist::open_memory(dir, &snap.memory)?;
+                let regions: Vec<_> = snap
+                    .memory
+                    .iter()
+                    .map(|r| {
+                        (
+                            vm_memory::GuestAddress(r.guest_addr),
+                            r.len as usize,
+                            r.file_offset,
+                        )
+                    })
+                    .collect();
+                map_snapshot_memory(&file, &regions)?
+            }
+        };
         let vm = KvmVm::new(cfg.vcpus)?;
         // After the KVM device errors (a host without /dev/kvm is told that first), before
         // anything runs on a KVM that would fail the guest minutes later.
         crate::check::require_hardware_virtualization(cfg.allow_emulated_kvm)?;
         vm.register_memory(&mem)?;
+        let api_socket = cfg.api_sock.as_deref().map(ApiSocket::bind).transpose()?;
 
         let mut event_manager = DeviceEventManager::new().map_err(VmmError::EventLoop)?;
         let mut devices = DeviceManager::new(cfg.guest_uses_acpi());
@@ -278,7 +376,7 @@ impl Vmm {
         }
         let reset_evt = devices.attach_i8042()?;
         let power_off_evt = if cfg.acpi {
-            Some(devices.attach_acpi_pm(&reset_evt)?)
+            Some(devices.attach_acpi_pm(&vm, &reset_evt)?)
         } else {
             None
         };
@@ -339,36 +437,30 @@ impl Vmm {
             }
         }
 
-        let cmdline = build_cmdline(&cfg.cmdline, devices.cmdline_extra())?;
-        debug!(
-            "Kernel command line: {}",
-            cmdline
-                .as_cstring()
-                .map(|c| c.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        );
-        // The ACPI tables (when the VM has them) describe the devices attached above.
-        let rsdp = if cfg.acpi {
-            Some(setup_acpi(&mem, &devices.acpi_config(cfg.vcpus))?)
-        } else {
-            None
-        };
-        let entry = load_kernel(&mem, &boot_plan, &cmdline, rsdp)?;
-        info!(
-            "Kernel {} loaded, entry {:#x} ({:?})",
-            cfg.kernel.display(),
-            entry.entry.0,
-            entry.protocol
-        );
-        let pci_irqs = devices.pci_irqs();
-        setup_mptable(&mem, cfg.vcpus, pci_irqs.as_deref())?;
-
-        let cpuid = vm.supported_cpuid()?;
+        let msr_indices = Arc::new(vm.msr_index_list()?);
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
-            let vcpu = Vcpu::new(id, vm.create_vcpu(id)?);
-            vcpu.configure(&cpuid, cfg.vcpus, &mem, &entry)?;
+            let mut vcpu = Vcpu::new(id, vm.create_vcpu(id)?);
+            vcpu.set_msr_indices(msr_indices.clone());
             vcpus.push(vcpu);
+        }
+        match &source {
+            Source::Boot(boot_plan) => {
+                Self::load_guest(cfg, &mem, &devices, boot_plan, &vm, &vcpus)?
+            }
+            Source::Snapshot(snap, _) => {
+                if snap.vcpus.len() != vcpus.len() {
+                    return Err(VmmError::SnapshotMismatch {
+                        what: "vCPU list",
+                        why: format!("{} vCPU states for {} vCPUs", snap.vcpus.len(), vcpus.len()),
+                    });
+                }
+                vm.restore_state(&snap.vm)?;
+                for (vcpu, st) in vcpus.iter().zip(&snap.vcpus) {
+                    vcpu.restore_state(st)
+                        .map_err(|e| VmmError::VcpuState(st.id, e))?;
+                }
+            }
         }
         if devices.uses_coalesced_pio() {
             let ring =
@@ -386,20 +478,74 @@ impl Vmm {
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(lifecycle)));
 
-        let (pio, mmio, metrics) = devices.finish()?;
+        let built = devices.finish()?;
+        let (uptime_before_ms, restored_from) = match &source {
+            Source::Boot(_) => (0, None),
+            Source::Snapshot(snap, dir) => {
+                restore_devices(&built.persist, &snap.devices)?;
+                (snap.uptime_ms, Some(dir.clone()))
+            }
+        };
 
         Ok(Self {
             vcpus,
             vm,
-            _mem: mem,
-            pio,
-            mmio,
+            mem,
+            pio: built.pio,
+            mmio: built.mmio,
             event_manager,
             run_state,
             raw_terminal: serial_in || serial2_in || console_takes_stdin,
-            metrics,
+            metrics: built.metrics,
             metrics_path: cfg.metrics.clone(),
+            config: cfg.clone(),
+            persist: built.persist,
+            acpi_pm: built.acpi_pm,
+            api_socket,
+            started: Instant::now(),
+            uptime_before_ms,
+            restored_from,
         })
+    }
+
+    /// A fresh boot: the command line, the ACPI and MP tables, the kernel, the vCPUs' boot
+    /// registers.
+    fn load_guest(
+        cfg: &VmConfig,
+        mem: &GuestMemoryMmap,
+        devices: &DeviceManager,
+        boot_plan: &crate::arch::x86_64::boot::BootPlan,
+        vm: &KvmVm,
+        vcpus: &[Vcpu],
+    ) -> Result<(), VmmError> {
+        let cmdline = build_cmdline(&cfg.cmdline, devices.cmdline_extra())?;
+        debug!(
+            "Kernel command line: {}",
+            cmdline
+                .as_cstring()
+                .map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        // The ACPI tables (when the VM has them) describe the devices attached above.
+        let rsdp = if cfg.acpi {
+            Some(setup_acpi(mem, &devices.acpi_config(cfg.vcpus))?)
+        } else {
+            None
+        };
+        let entry = load_kernel(mem, boot_plan, &cmdline, rsdp)?;
+        info!(
+            "Kernel {} loaded, entry {:#x} ({:?})",
+            cfg.kernel.display(),
+            entry.entry.0,
+            entry.protocol
+        );
+        let pci_irqs = devices.pci_irqs();
+        setup_mptable(mem, cfg.vcpus, pci_irqs.as_deref())?;
+        let cpuid = vm.supported_cpuid()?;
+        for vcpu in vcpus {
+            vcpu.configure(&cpuid, cfg.vcpus, mem, &entry)?;
+        }
+        Ok(())
     }
 
     /// Runs the guest until it powers off, reboots or crashes, or a termination signal
@@ -435,13 +581,27 @@ impl Vmm {
             unblock_signal(sig).map_err(|e| VmmError::SignalMask(e.to_string()))?;
         }
 
+        // The control socket's thread, before the main thread's filter (it installs its own).
+        let mut api = None;
+        if start_err.is_none() {
+            if let Some(sock) = self.api_socket.take() {
+                let (server, rx, wake) = sock.start()?;
+                self.event_manager
+                    .add_subscriber(Arc::new(Mutex::new(control::Wakeup(wake))));
+                api = Some((server, rx));
+            }
+        }
+        self.started = Instant::now();
         // Last, so no thread inherits the main thread's filter: each installed its own.
         let result = match start_err {
             Some(e) => Err(e.into()),
             None => crate::seccomp::apply(ThreadKind::Main)
                 .map_err(VmmError::from)
-                .and_then(|()| self.event_loop(&handles)),
+                .and_then(|()| self.event_loop(&handles, api.as_ref().map(|(_, rx)| rx))),
         };
+        if let Some((mut server, _)) = api {
+            server.stop();
+        }
         self.run_state.request_stop();
         for h in &handles {
             h.kick();
@@ -466,7 +626,11 @@ impl Vmm {
         }
     }
 
-    fn event_loop(&mut self, vcpus: &[VcpuHandle]) -> Result<ExitReason, VmmError> {
+    fn event_loop(
+        &mut self,
+        vcpus: &[VcpuHandle],
+        api: Option<&std::sync::mpsc::Receiver<Pending>>,
+    ) -> Result<ExitReason, VmmError> {
         let mut last_poll = Instant::now();
         // Whether the guest has ever had interrupt routing in place (see `classify_exit`).
         let mut interrupts_were_live = false;
@@ -483,6 +647,13 @@ impl Vmm {
             if METRICS_REQUESTED.swap(false, Ordering::SeqCst) {
                 self.write_metrics();
             }
+            while let Some((cmd, reply)) = api.and_then(|rx| rx.try_recv().ok()) {
+                let (answer, exit) = self.handle_api(cmd, vcpus);
+                let _ = reply.send(answer);
+                if let Some(exit) = exit {
+                    return Ok(exit);
+                }
+            }
             let sig = TERMINATION.swap(0, Ordering::SeqCst);
             if sig != 0 {
                 info!("Received {}, stopping the VM", signal_name(sig));
@@ -492,6 +663,11 @@ impl Vmm {
                 let live_now = self.vm.ioapic_routes_live()?;
                 let exit = classify_exit(exit, interrupts_were_live || live_now, live_now);
                 return Ok(ExitReason::Guest(exit));
+            }
+            if self.run_state.paused() {
+                // Parked vCPUs need no kick, and a paused guest is not halting.
+                last_poll = Instant::now();
+                continue;
             }
             if last_poll.elapsed() >= HALT_POLL_INTERVAL {
                 interrupts_were_live |= self.vm.ioapic_routes_live()?;
@@ -508,6 +684,45 @@ impl Vmm {
     }
 }
 
+/// Puts each device's saved state back, then pokes every device so nothing waits on an
+/// event lost with the old process. Every device of the VM must have a saved state and
+/// every saved state a device: anything else means the snapshot is of another VM.
+fn restore_devices(
+    devices: &[(String, Arc<Mutex<dyn Persist>>)],
+    states: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Result<(), VmmError> {
+    for (id, _) in devices {
+        if !states.contains_key(id) {
+            return Err(VmmError::DeviceState {
+                device: id.clone(),
+                why: "the snapshot has no state for it".into(),
+            });
+        }
+    }
+    if let Some(extra) = states
+        .keys()
+        .find(|k| !devices.iter().any(|(id, _)| id == *k))
+    {
+        return Err(VmmError::DeviceState {
+            device: extra.clone(),
+            why: "the snapshot has a device this VM does not".into(),
+        });
+    }
+    for (id, dev) in devices {
+        dev.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(&states[id])
+            .map_err(|why| VmmError::DeviceState {
+                device: id.clone(),
+                why,
+            })?;
+    }
+    for (_, dev) in devices {
+        dev.lock().unwrap_or_else(|p| p.into_inner()).kick();
+    }
+    Ok(())
+}
+
 /// The id a disk reports when none is given: its file name, cut to what virtio-blk carries.
 fn default_disk_id(path: &std::path::Path) -> String {
     let name = path
@@ -521,11 +736,23 @@ fn default_disk_id(path: &std::path::Path) -> String {
 }
 
 /// Opens the serial backend: the writer for guest output, and whether stdin feeds input.
-fn open_serial_backend(backend: &SerialBackend) -> Result<(Box<dyn Write + Send>, bool), VmmError> {
+/// A restored VM appends to its output files rather than truncating them.
+fn open_serial_backend(
+    backend: &SerialBackend,
+    append: bool,
+) -> Result<(Box<dyn Write + Send>, bool), VmmError> {
     Ok(match backend {
         SerialBackend::Stdio => (Box::new(std::io::stdout()), true),
         SerialBackend::File(path) => {
-            let f = File::create(path).map_err(|source| VmmError::SerialFile {
+            let f = if append {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+            } else {
+                File::create(path)
+            }
+            .map_err(|source| VmmError::SerialFile {
                 path: path.clone(),
                 source,
             })?;
@@ -648,7 +875,7 @@ mod tests {
 
     #[test]
     fn serial_file_backend_errors_name_the_path() {
-        let err = open_serial_backend(&SerialBackend::File("/nonexistent/dir/log".into()))
+        let err = open_serial_backend(&SerialBackend::File("/nonexistent/dir/log".into()), false)
             .err()
             .unwrap();
         assert!(err.to_string().contains("/nonexistent/dir/log"));

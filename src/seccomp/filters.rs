@@ -9,7 +9,11 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_ioeventfd, kvm_irq_routing, kvm_irqchip, kvm_mp_state, kvm_regs, KVMIO};
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_ioeventfd, kvm_irq_routing, kvm_irqchip,
+    kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, KVMIO,
+};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -24,6 +28,19 @@ ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+// Snapshots on the main thread: the in-kernel PIT and clock (the irqchips: KVM_GET_IRQCHIP).
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+// A parked vCPU thread taking its vCPU's state for a snapshot (vstate::vcpu_state::save).
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 
 /// Syscall number -> the rules under which it is allowed (an empty list: always).
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -63,6 +80,17 @@ const MAIN: &[i64] = &[
     libc::SYS_read,
     libc::SYS_readv,
     libc::SYS_rename,
+    // Snapshots: the directory, the memory file (sparse: sized, then written at offsets),
+    // the state file, made durable; the control socket's file removed at the end.
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_ftruncate,
+    libc::SYS_pwrite64,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_statx,
     // The tear-down check: a directory's entries, its fstat, and the fds' link targets.
     libc::SYS_getdents64,
     libc::SYS_newfstatat,
@@ -97,6 +125,19 @@ const STDIN: &[i64] = &[
     libc::SYS_copy_file_range,
 ];
 
+/// The control socket's thread: accept a connection, read a request, queue it for the event
+/// loop and write the answer, waiting on epoll for the socket or the stop eventfd.
+const API: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_read,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+];
+
 /// Builds the BPF program of one thread kind.
 pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules = Rules::new();
@@ -105,6 +146,7 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
         ThreadKind::Vcpu => &[COMMON, VCPU, DISK_IO],
         ThreadKind::BlockIo => &[COMMON, DISK_IO],
         ThreadKind::Stdin => &[COMMON, STDIN],
+        ThreadKind::Api => &[COMMON, API],
     };
     for nr in lists.iter().copied().flatten() {
         rules.insert(*nr, Vec::new());
@@ -129,7 +171,12 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
         ThreadKind::Main => {
             kill_signals.push(crate::vstate::vcpu::kick_signal() as u64);
             // The IOAPIC state tells an orderly reboot from a panic.
-            ioctls.extend([KVM_GET_IRQCHIP(), libc::TCGETS]);
+            ioctls.extend([
+                KVM_GET_IRQCHIP(),
+                libc::TCGETS,
+                KVM_GET_PIT2(),
+                KVM_GET_CLOCK(),
+            ]);
             // Only creating the metrics report (std::fs::write), and listing a directory
             // (std::fs::read_dir: /proc/self/task and /proc/self/fd for the tear-down
             // check, see `leftovers`): no reading a file, no O_PATH.
@@ -156,9 +203,18 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
                 KVM_SET_GSI_ROUTING(),
                 KVM_IOEVENTFD(),
                 libc::TUNSETOFFLOAD,
+                KVM_GET_SREGS(),
+                KVM_GET_MSRS(),
+                KVM_GET_LAPIC(),
+                KVM_GET_CPUID2(),
+                KVM_GET_VCPU_EVENTS(),
+                KVM_GET_DEBUGREGS(),
+                KVM_GET_TSC_KHZ(),
+                KVM_GET_XSAVE(),
+                KVM_GET_XCRS(),
             ]);
         }
-        ThreadKind::BlockIo | ThreadKind::Stdin => {}
+        ThreadKind::BlockIo | ThreadKind::Stdin | ThreadKind::Api => {}
     }
     let per_request = ioctls
         .iter()

@@ -60,10 +60,18 @@ pub enum ThreadKind {
     BlockIo,
     /// The thread forwarding a non-pollable stdin into a pipe.
     Stdin,
+    /// The control socket's thread (`--api-sock`).
+    Api,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 4] = [Self::Main, Self::Vcpu, Self::BlockIo, Self::Stdin];
+    pub const ALL: [ThreadKind; 5] = [
+        Self::Main,
+        Self::Vcpu,
+        Self::BlockIo,
+        Self::Stdin,
+        Self::Api,
+    ];
 
     /// The name used in messages and by the test hook.
     pub fn name(self) -> &'static str {
@@ -72,12 +80,13 @@ impl ThreadKind {
             Self::Vcpu => "vcpu",
             Self::BlockIo => "blk-io",
             Self::Stdin => "stdin",
+            Self::Api => "api",
         }
     }
 }
 
 /// The compiled filters, in `ThreadKind::ALL` order; set once sandboxing is enabled.
-struct Filters([BpfProgram; 4]);
+struct Filters([BpfProgram; 5]);
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
 
@@ -97,7 +106,7 @@ pub fn init(enabled: bool) -> Result<(), SeccompError> {
     Ok(())
 }
 
-fn compile_all() -> Result<[BpfProgram; 4], SeccompError> {
+fn compile_all() -> Result<[BpfProgram; 5], SeccompError> {
     let one =
         |kind: ThreadKind| filters::compile(kind).map_err(|e| SeccompError::Build(kind.name(), e));
     Ok([
@@ -105,6 +114,7 @@ fn compile_all() -> Result<[BpfProgram; 4], SeccompError> {
         one(ThreadKind::Vcpu)?,
         one(ThreadKind::BlockIo)?,
         one(ThreadKind::Stdin)?,
+        one(ThreadKind::Api)?,
     ])
 }
 

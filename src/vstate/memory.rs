@@ -42,6 +42,42 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     })
 }
 
+/// Maps a snapshot's memory file copy-on-write (`MAP_PRIVATE`): each region `(guest
+/// address, length, offset in the file)` reads its pages from the file as the guest touches
+/// them (restoring reads nothing up front), and the guest's writes stay in this process.
+pub fn map_snapshot_memory(
+    file: &std::fs::File,
+    regions: &[(GuestAddress, usize, u64)],
+) -> Result<GuestMemoryMmap, SnapshotMemoryError> {
+    let mut out = Vec::with_capacity(regions.len());
+    for &(addr, len, offset) in regions {
+        let fo =
+            vm_memory::FileOffset::new(file.try_clone().map_err(SnapshotMemoryError::Dup)?, offset);
+        let mapping = vm_memory::MmapRegion::build(
+            Some(fo),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| SnapshotMemoryError::Map(e.to_string()))?;
+        out.push(
+            vm_memory::GuestRegionMmap::new(mapping, addr).ok_or_else(|| {
+                SnapshotMemoryError::Map("a region past the address space".into())
+            })?,
+        );
+    }
+    GuestMemoryMmap::from_regions(out).map_err(|e| SnapshotMemoryError::Map(e.to_string()))
+}
+
+/// Errors mapping a snapshot's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotMemoryError {
+    #[error("Failed to duplicate the memory file's descriptor")]
+    Dup(#[source] std::io::Error),
+    #[error("Failed to map the snapshot's guest memory: {0}")]
+    Map(String),
+}
+
 /// End (exclusive) of the RAM below the MMIO gap: where boot data must live.
 pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
     mem.iter()

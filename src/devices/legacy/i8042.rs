@@ -123,6 +123,37 @@ impl I8042 {
     }
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
+struct I8042Snapshot {
+    status: u8,
+    ctr: u8,
+    outp: u8,
+    out_buf: Option<u8>,
+    pending: Option<u8>,
+}
+
+impl crate::devices::Persist for I8042 {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        crate::devices::to_state(&I8042Snapshot {
+            status: self.status,
+            ctr: self.ctr,
+            outp: self.outp,
+            out_buf: self.out_buf,
+            pending: self.pending,
+        })
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let s: I8042Snapshot = crate::devices::from_state(v)?;
+        self.status = s.status;
+        self.ctr = s.ctr;
+        self.outp = s.outp;
+        self.out_buf = s.out_buf;
+        self.pending = s.pending;
+        Ok(())
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {

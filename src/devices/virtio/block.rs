@@ -760,6 +760,16 @@ impl VirtioDevice for VirtioBlock {
         self.pool.drain();
         self.active = None;
     }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.lock().state()])
+    }
+
+    /// Waits for every request handed to the I/O threads: they are completed on the used
+    /// ring (and flushes reached fdatasync) before the state is taken.
+    fn quiesce(&mut self) {
+        self.pool.drain();
+    }
 }
 
 /// Copies from a config space image; bytes past its end read as zero.

@@ -282,6 +282,12 @@ impl VirtioDevice for VirtioConsole {
     fn reset(&mut self) {
         self.state = None;
     }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.state
+            .as_ref()
+            .map(|st| st.queues.iter().map(|q| q.state()).collect())
+    }
 }
 
 const EVT_ACTIVATE: u32 = 0;

@@ -719,6 +719,12 @@ impl VirtioDevice for VirtioNet {
         }
         debug!("{}: reset; {:?}", self.name, self.stats);
     }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.state
+            .as_ref()
+            .map(|st| st.queues.iter().map(|q| q.state()).collect())
+    }
 }
 
 const EVT_ACTIVATE: u32 = 0;
