@@ -233,6 +233,8 @@ pub struct Vmm {
     config: VmConfig,
     /// What snapshots carry of the devices, by id.
     persist: Vec<(String, Arc<Mutex<dyn Persist>>)>,
+    /// What snapshots cannot carry yet: a snapshot is refused.
+    no_persist: Vec<String>,
     acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
     /// The control socket, until `run` starts its thread.
     api_socket: Option<ApiSocket>,
@@ -268,6 +270,8 @@ impl Vmm {
     /// `api_sock` replaces the snapshot's control socket.
     pub fn restore(dir: &std::path::Path, api_sock: Option<PathBuf>) -> Result<Self, VmmError> {
         let snap = crate::persist::read_state(dir)?;
+        // Checked before anything is opened: a damaged snapshot touches nothing.
+        crate::persist::open_memory(dir, &snap.memory)?;
         let mut cfg = snap.config.clone();
         cfg.api_sock = api_sock;
         cfg.validate_machine()?;
@@ -500,6 +504,7 @@ impl Vmm {
             metrics_path: cfg.metrics.clone(),
             config: cfg.clone(),
             persist: built.persist,
+            no_persist: built.no_persist,
             acpi_pm: built.acpi_pm,
             api_socket,
             started: Instant::now(),

@@ -138,6 +138,8 @@ pub struct DeviceManager {
     serial_ports: Vec<(u16, u32)>,
     /// Every device a snapshot carries, by a stable id, in restore order.
     persist: Vec<(String, Arc<Mutex<dyn Persist>>)>,
+    /// Devices whose state snapshots cannot carry yet (a snapshot is refused, naming them).
+    no_persist: Vec<String>,
     acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
 }
 
@@ -148,6 +150,8 @@ pub struct Devices {
     pub metrics: MetricsRegistry,
     /// What snapshots save and restore, by id, in restore order.
     pub persist: Vec<(String, Arc<Mutex<dyn Persist>>)>,
+    /// Devices a snapshot cannot carry yet.
+    pub no_persist: Vec<String>,
     /// The ACPI PM registers (the power button), when the VM has ACPI.
     pub acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
 }
@@ -175,6 +179,7 @@ impl DeviceManager {
             mmio_devices: Vec::new(),
             serial_ports: Vec::new(),
             persist: Vec::new(),
+            no_persist: Vec::new(),
             acpi_pm: None,
         }
     }
@@ -314,6 +319,7 @@ impl DeviceManager {
                 Ok(()) => self.coalesced_pio = true,
                 Err(e) => warn!("{name}: data port writes will each exit: {e}"),
             }
+            self.no_persist.push(format!("the IDE channel {name}"));
             info!("{name}: IDE channel at {port:#x}/{ctl:#x}, IRQ {irq}");
         }
         let ide = piix::piix3_ide(true, secondary_used);
@@ -693,6 +699,7 @@ impl DeviceManager {
             mmio: Arc::new(self.mmio_bus),
             metrics: self.metrics,
             persist: self.persist,
+            no_persist: self.no_persist,
             acpi_pm: self.acpi_pm,
         })
     }

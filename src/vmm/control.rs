@@ -90,6 +90,13 @@ impl Vmm {
             Command::Snapshot { .. } if !paused => {
                 Reply::error(409, "pause the VM first (vm.pause), then snapshot it")
             }
+            Command::Snapshot { .. } if !self.no_persist.is_empty() => Reply::error(
+                409,
+                format!(
+                    "this VM cannot be snapshotted: ferrovm cannot save the state of {} yet",
+                    self.no_persist.join(", ")
+                ),
+            ),
             Command::Snapshot { dir } => match self.snapshot(&dir, vcpus) {
                 Ok(v) => Reply::ok(v),
                 Err(e @ VmmError::Persist(persist::PersistError::NotEmpty(_))) => {

@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -373,6 +375,57 @@ impl Vm {
 impl Default for Vm {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl Vm {
+    /// `ferrovm restore --snapshot DIR` with no further arguments yet.
+    pub fn restore(dir: &Path) -> Self {
+        let mut cmd = Command::new(ferrovm_bin());
+        cmd.arg("restore")
+            .arg("--snapshot")
+            .arg(dir)
+            .stdin(Stdio::null());
+        Self {
+            cmd,
+            timeout: Duration::from_secs(300),
+            expects_userspace: false,
+        }
+    }
+}
+
+/// Runs `ferrovm ARGS` (a client subcommand) to completion.
+pub fn ferrovm_cli(args: &[&str]) -> std::process::Output {
+    Command::new(ferrovm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferrovm")
+}
+
+/// A fresh directory on a local filesystem, removed on drop: Unix sockets cannot live on
+/// the nested sandbox's 9p share, and snapshots write faster to tmpfs.
+pub struct LocalDir(pub PathBuf);
+
+impl LocalDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = PathBuf::from("/var/tmp")
+            .join(format!("ferrovm-test-{}-{n}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        LocalDir(p)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for LocalDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
