@@ -27,6 +27,7 @@ use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::metrics::MetricsRegistry;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::console::ConsoleError;
+use crate::devices::virtio::guest_write::{guard_mode, GuardMode, WRITE_GUARD_ENV};
 use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
 use crate::devices::virtio::{VirtioBlock, VirtioConsole};
 use crate::devices::{Bus, DeviceEventManager};
@@ -188,6 +189,9 @@ impl Vmm {
     /// Validates `cfg` and builds the whole VM; nothing runs yet.
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
         cfg.validate()?;
+        if guard_mode() != GuardMode::Off {
+            info!("Guest memory write guard on ({WRITE_GUARD_ENV}=1): every device write is checked against the guest's descriptors");
+        }
         // Before any thread exists: the I/O and stdin threads started below sandbox themselves.
         crate::seccomp::init(cfg.seccomp)?;
         // Bad kernel or initrd files are reported before KVM is touched.

@@ -3,6 +3,7 @@
 pub mod block;
 pub mod console;
 pub mod device;
+pub mod guest_write;
 pub mod mmio;
 pub mod net;
 
