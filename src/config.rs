@@ -359,6 +359,9 @@ pub struct VmConfig {
     pub metrics: Option<PathBuf>,
     /// Whether each VMM thread runs under its seccomp allow-list (off: `--no-seccomp`).
     pub seccomp: bool,
+    /// The kernel's System.map, for the crash report's symbols (else the ELF kernel's
+    /// `.symtab`, or a System.map found beside the kernel).
+    pub system_map: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -377,6 +380,7 @@ impl VmConfig {
             serial2: None,
             metrics: None,
             seccomp: true,
+            system_map: None,
         }
     }
 

@@ -15,9 +15,11 @@
 //!    reboots, powers off or crashes.
 //!
 //! `seccomp` puts every thread under an allow-list of syscalls once its setup is done.
+//! `crash` says where a guest died (registers, symbols, the console's last lines).
 
 pub mod arch;
 pub mod config;
+pub mod crash;
 pub mod devices;
 /// Fuzz targets and the bounded runner CI uses (tests and the `fuzzing` feature only).
 #[cfg(any(test, feature = "fuzzing"))]
@@ -29,4 +31,4 @@ pub mod vmm;
 pub mod vstate;
 
 pub use config::VmConfig;
-pub use vmm::{ExitReason, Vmm, VmmError};
+pub use vmm::{ExitReason, Outcome, Vmm, VmmError};

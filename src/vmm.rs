@@ -19,6 +19,8 @@ use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError
 use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::config::{ConfigError, DeviceModel, SerialBackend, VmConfig};
+use crate::crash::symbols::SymbolError;
+use crate::crash::{ConsoleTail, CrashReport, SymbolSource};
 use crate::devices::disk::{DiskError, RawFile};
 use crate::devices::emulated::ide::AtaDisk;
 use crate::devices::host_input::stdin_input;
@@ -91,6 +93,8 @@ pub enum VmmError {
     Console(#[from] ConsoleError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
     #[error("Failed to open the serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -139,6 +143,14 @@ impl ExitReason {
     }
 }
 
+/// How a run ended: the reason, and when the guest crashed, the crash report to print after
+/// it (see `crash`).
+#[derive(Debug)]
+pub struct Outcome {
+    pub reason: ExitReason,
+    pub crash_report: Option<String>,
+}
+
 impl std::fmt::Display for ExitReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -183,6 +195,10 @@ pub struct Vmm {
     raw_terminal: bool,
     metrics: MetricsRegistry,
     metrics_path: Option<PathBuf>,
+    /// The last lines of ttyS0 and hvc0, and the kernel's symbols, for a crash report.
+    console_tails: Vec<(String, Arc<ConsoleTail>)>,
+    symbols: Option<SymbolSource>,
+    built: Instant,
 }
 
 impl Vmm {
@@ -196,10 +212,22 @@ impl Vmm {
         crate::seccomp::init(cfg.seccomp)?;
         // Bad kernel or initrd files are reported before KVM is touched.
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
+        // Opened now, read only if the guest crashes (no thread may open files later).
+        let symbols = SymbolSource::find(&cfg.kernel, cfg.system_map.as_deref())?;
+        let mut console_tails = Vec::new();
+        let mut keep_tail = |name: &str, out: Box<dyn Write + Send>| {
+            let tail = ConsoleTail::new();
+            console_tails.push((name.to_owned(), tail.clone()));
+            tail.writer(out)
+        };
         let (serial_out, serial_wants_stdin) = open_serial_backend(&cfg.serial)?;
+        let serial_out = keep_tail("ttyS0", serial_out);
         let serial2 = cfg.serial2.as_ref().map(open_serial_backend).transpose()?;
         let console = match &cfg.console {
-            Some(c) => Some(open_serial_backend(&c.backend)?),
+            Some(c) => {
+                let (out, stdin) = open_serial_backend(&c.backend)?;
+                Some((keep_tail("hvc0", out), stdin))
+            }
             None => None,
         };
         // Stdin has one reader: the virtio console when it is on stdio, else ttyS0, else ttyS1.
@@ -358,12 +386,15 @@ impl Vmm {
             raw_terminal: serial_in || serial2_in || console_takes_stdin,
             metrics,
             metrics_path: cfg.metrics.clone(),
+            console_tails,
+            symbols,
+            built: Instant::now(),
         })
     }
 
     /// Runs the guest until it powers off, reboots or crashes, or a termination signal
     /// arrives; the terminal is restored whatever happens.
-    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+    pub fn run(mut self) -> Result<Outcome, VmmError> {
         register_kick_handler()?;
         for sig in TERMINATION_SIGNALS {
             register_signal_handler(sig, on_termination_signal).map_err(VmmError::Signals)?;
@@ -408,9 +439,42 @@ impl Vmm {
         for h in handles {
             h.join();
         }
+        let crash_report = match &result {
+            Ok(ExitReason::Guest(exit)) if !exit.is_clean() => Some(self.crash_report(exit)),
+            _ => None,
+        };
         // Written after the vCPUs stopped, so the report is final.
         self.write_metrics();
-        result
+        result.map(|reason| Outcome {
+            reason,
+            crash_report,
+        })
+    }
+
+    /// The crash report for `exit` as stderr shows it; its JSON goes into the metrics.
+    fn crash_report(&mut self, exit: &GuestExit) -> String {
+        let (table, symbols) = match self.symbols.as_ref().map(|s| (s, s.load())) {
+            Some((source, Ok(table))) => (Some(table), Ok(source.describe())),
+            Some((_, Err(e))) => (None, Err(e.to_string())),
+            None => (
+                None,
+                Err(
+                    "the kernel has no .symtab and no System.map was found beside it; \
+                     give --system-map"
+                        .to_owned(),
+                ),
+            ),
+        };
+        let report = CrashReport::new(
+            exit,
+            &self.run_state.records(),
+            &self.console_tails,
+            symbols,
+            self.built.elapsed(),
+            Instant::now(),
+        );
+        self.metrics.set_crash(report.to_json(table.as_ref()));
+        report.render(table.as_ref())
     }
 
     fn write_metrics(&self) {

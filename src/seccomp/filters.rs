@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_irqchip, kvm_mp_state, kvm_regs, KVMIO};
+use kvm_bindings::{kvm_irqchip, kvm_mp_state, kvm_regs, kvm_sregs, KVMIO};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -20,6 +20,7 @@ use super::ThreadKind;
 
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
 
@@ -60,6 +61,8 @@ const MAIN: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_read,
     libc::SYS_readv,
+    // The crash report reads the kernel's symbols from the file opened at start.
+    libc::SYS_pread64,
     libc::SYS_rename,
     // The tear-down check: a directory's entries, its fstat, and the fds' link targets.
     libc::SYS_getdents64,
@@ -144,10 +147,13 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
         }
         ThreadKind::Vcpu => {
             // TUNSETOFFLOAD: virtio-net sets the TAP offloads when the driver activates it,
-            // which happens on the vCPU that wrote DRIVER_OK.
+            // which happens on the vCPU that wrote DRIVER_OK. The registers (GET_REGS,
+            // GET_SREGS) are sampled on each periodic kick and read when the guest stops,
+            // for the crash report.
             ioctls.extend([
                 KVM_RUN(),
                 KVM_GET_REGS(),
+                KVM_GET_SREGS(),
                 KVM_GET_MP_STATE(),
                 libc::TUNSETOFFLOAD,
             ]);

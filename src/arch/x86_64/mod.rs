@@ -1,7 +1,8 @@
-//! x86_64: the memory layout, kernel loading and boot parameters, vCPU register state,
-//! CPUID and the MP table.
+//! x86_64: the memory layout, kernel loading and boot parameters, vCPU register state (at
+//! boot, and snapshots for crash reports), CPUID and the MP table.
 
 pub mod boot;
+pub mod cpu_state;
 pub mod cpuid;
 pub mod layout;
 pub mod mptable;
