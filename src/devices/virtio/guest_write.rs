@@ -591,6 +591,43 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_mode_aborts_with_a_line_naming_device_queue_and_address() {
+        const CHILD: &str = "FERROVM_TEST_GUARD_ABORT_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            // In a process of its own: Abort is what FERROVM_WRITE_GUARD=1 gives the VMM.
+            set_guard_mode(GuardMode::Abort);
+            let mem = guest_memory();
+            let q: Queue = MockSplitQueue::new(&mem, 16).create_queue().unwrap();
+            let w = GuestWriter::new(mem, "vdb", 0, &q);
+            let _ = w
+                .chain(&ChainWrites::unread(5))
+                .write_obj(1u8, GuestAddress(DATA_START));
+            unreachable!("the guard let the write through");
+        }
+        let name = "devices::virtio::guest_write::tests::the_vmm_mode_aborts_with_a_line_naming_device_queue_and_address";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGABRT), "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("ferrovm: write guard:"))
+            .unwrap_or_else(|| panic!("no guard line:\n{stderr}"));
+        assert!(
+            line.contains("vdb queue 0: 1-byte write at 0x100000"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("stopping the VMM (FERROVM_WRITE_GUARD=1)"),
+            "{line}"
+        );
+    }
+
+    #[test]
     fn used_ring_writes_must_go_to_the_queue_the_writer_was_made_for() {
         let mem = guest_memory();
         let vq = MockSplitQueue::new(&mem, 16);
