@@ -137,6 +137,54 @@ impl DeviceModel {
     }
 }
 
+/// The transport that carries a virtio device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VirtioTransport {
+    /// virtio-pci (modern, MSI-X): what distribution and `defconfig` kernels find.
+    #[default]
+    Pci,
+    /// virtio-mmio, described in the DSDT (and on the kernel command line without ACPI).
+    Mmio,
+}
+
+impl FromStr for VirtioTransport {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pci" => Ok(Self::Pci),
+            "mmio" => Ok(Self::Mmio),
+            _ => Err(format!(
+                "unknown virtio transport '{s}': expected pci or mmio"
+            )),
+        }
+    }
+}
+
+impl VirtioTransport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pci => "pci",
+            Self::Mmio => "mmio",
+        }
+    }
+}
+
+/// Parses a device's `transport=` option, which only virtio devices take.
+fn parse_transport(
+    value: &str,
+    class: &str,
+    model: DeviceModel,
+) -> Result<VirtioTransport, String> {
+    if model != DeviceModel::Virtio {
+        return Err(format!(
+            "transport= applies to virtio devices only, not to the {class} model '{}'",
+            model.name()
+        ));
+    }
+    value.parse()
+}
+
 /// Splits `a,b=c,d` into options; returns (key, value) pairs, with value None for flags.
 fn parse_options(s: &str) -> Vec<(&str, Option<&str>)> {
     s.split(',')
@@ -148,12 +196,15 @@ fn parse_options(s: &str) -> Vec<(&str, Option<&str>)> {
         .collect()
 }
 
-/// A disk image given with `--disk PATH[,readonly][,model=virtio|ide][,serial=ID]`.
+/// A disk image given with
+/// `--disk PATH[,readonly][,model=virtio|ide][,transport=pci|mmio][,serial=ID]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
     pub model: DeviceModel,
+    /// The virtio transport, when not the VM's default (`--virtio-transport`).
+    pub transport: Option<VirtioTransport>,
     /// The id the guest reads back (VIRTIO_BLK_T_GET_ID); the file name when not given.
     pub serial: Option<String>,
 }
@@ -170,8 +221,10 @@ impl FromStr for DiskConfig {
             path: PathBuf::new(),
             readonly: false,
             model: DeviceModel::Virtio,
+            transport: None,
             serial: None,
         };
+        let mut transport = None;
         for (key, value) in parse_options(s) {
             match (key, value) {
                 ("readonly" | "ro", None) => cfg.readonly = true,
@@ -187,14 +240,18 @@ impl FromStr for DiskConfig {
                     }
                     cfg.serial = Some(id.to_string());
                 }
+                ("transport", Some(t)) => transport = Some(t),
                 ("path", Some(p)) => path = Some(p),
                 (p, None) if path.is_none() => path = Some(p),
                 (k, _) => {
                     return Err(format!(
-                        "unknown disk option '{k}': expected PATH[,readonly][,model=virtio|ide][,serial=ID]"
+                        "unknown disk option '{k}': expected PATH[,readonly][,model=virtio|ide][,transport=pci|mmio][,serial=ID]"
                     ))
                 }
             }
+        }
+        if let Some(t) = transport {
+            cfg.transport = Some(parse_transport(t, "disk", cfg.model)?);
         }
         match path {
             Some(p) if !p.is_empty() => cfg.path = PathBuf::from(p),
@@ -256,12 +313,14 @@ pub enum TapConfig {
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
 
-/// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio|ne2k]`.
+/// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio|ne2k][,transport=pci|mmio]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: TapConfig,
     pub mac: Option<MacAddr>,
     pub model: DeviceModel,
+    /// The virtio transport, when not the VM's default.
+    pub transport: Option<VirtioTransport>,
 }
 
 impl FromStr for NetConfig {
@@ -271,6 +330,7 @@ impl FromStr for NetConfig {
         let mut tap = None;
         let mut mac = None;
         let mut model = DeviceModel::Virtio;
+        let mut transport = None;
         for (key, value) in parse_options(s) {
             match (key, value) {
                 ("tap", Some("auto")) => tap = Some(TapConfig::Auto),
@@ -291,23 +351,35 @@ impl FromStr for NetConfig {
                     model =
                         DeviceModel::parse_for(m, "NIC", &[DeviceModel::Virtio, DeviceModel::Ne2k])?
                 }
+                ("transport", Some(t)) => transport = Some(t),
                 (k, _) => {
                     return Err(format!(
-                        "unknown net option '{k}': expected tap=NAME|auto[,mac=MAC][,model=virtio|ne2k]"
+                        "unknown net option '{k}': expected tap=NAME|auto[,mac=MAC][,model=virtio|ne2k][,transport=pci|mmio]"
                     ))
                 }
             }
         }
         let tap = tap.ok_or("a NIC needs a host TAP device: --net tap=NAME or tap=auto")?;
-        Ok(NetConfig { tap, mac, model })
+        let transport = transport
+            .map(|t| parse_transport(t, "NIC", model))
+            .transpose()?;
+        Ok(NetConfig {
+            tap,
+            mac,
+            model,
+            transport,
+        })
     }
 }
 
-/// The paravirtual console given with `--console virtio[,file=PATH|,stdio|,none]`.
+/// The paravirtual console given with
+/// `--console virtio[,file=PATH|,stdio|,none][,transport=pci|mmio]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleConfig {
     pub model: DeviceModel,
     pub backend: SerialBackend,
+    /// The virtio transport, when not the VM's default.
+    pub transport: Option<VirtioTransport>,
 }
 
 impl FromStr for ConsoleConfig {
@@ -316,6 +388,7 @@ impl FromStr for ConsoleConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut model = None;
         let mut backend = SerialBackend::Stdio;
+        let mut transport = None;
         for (key, value) in parse_options(s) {
             match (key, value) {
                 ("virtio", None) => model = Some(DeviceModel::Virtio),
@@ -329,15 +402,20 @@ impl FromStr for ConsoleConfig {
                 ("stdio", None) => backend = SerialBackend::Stdio,
                 ("none", None) => backend = SerialBackend::None,
                 ("file", Some(p)) if !p.is_empty() => backend = SerialBackend::File(p.into()),
+                ("transport", Some(t)) => transport = Some(t.parse()?),
                 (k, _) => {
                     return Err(format!(
-                        "unknown console option '{k}': expected virtio[,stdio|,file=PATH|,none]"
+                        "unknown console option '{k}': expected virtio[,stdio|,file=PATH|,none][,transport=pci|mmio]"
                     ))
                 }
             }
         }
         let model = model.ok_or("the console needs a model: --console virtio[,file=PATH]")?;
-        Ok(ConsoleConfig { model, backend })
+        Ok(ConsoleConfig {
+            model,
+            backend,
+            transport,
+        })
     }
 }
 
@@ -362,6 +440,12 @@ pub struct VmConfig {
     /// The kernel's System.map, for the crash report's symbols (else the ELF kernel's
     /// `.symtab`, or a System.map found beside the kernel).
     pub system_map: Option<PathBuf>,
+    /// The transport of virtio devices that do not name one (`--virtio-transport`).
+    pub virtio_transport: VirtioTransport,
+    /// Whether the guest gets ACPI tables (off: `--no-acpi`, MP table only).
+    pub acpi: bool,
+    /// Go on when /dev/kvm has no hardware virtualization under it (`--allow-emulated-kvm`).
+    pub allow_emulated_kvm: bool,
 }
 
 impl VmConfig {
@@ -381,7 +465,16 @@ impl VmConfig {
             metrics: None,
             seccomp: true,
             system_map: None,
+            virtio_transport: VirtioTransport::Pci,
+            acpi: true,
+            allow_emulated_kvm: false,
         }
+    }
+
+    /// Whether the guest will read ACPI tables: they are built, and the command line does
+    /// not turn ACPI off.
+    pub fn guest_uses_acpi(&self) -> bool {
+        self.acpi && !cmdline_disables_acpi(&self.cmdline)
     }
 
     /// Guest memory in bytes.
@@ -482,6 +575,15 @@ fn check_input_file(what: &'static str, path: &Path) -> Result<(), ConfigError> 
         });
     }
     Ok(())
+}
+
+/// Whether a kernel command line has `acpi=off` among its kernel parameters (before any
+/// ` -- `, which starts init's arguments).
+pub fn cmdline_disables_acpi(cmdline: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .take_while(|w| *w != "--")
+        .any(|w| w == "acpi=off")
 }
 
 /// The host's RAM in MiB, from /proc/meminfo; `None` if it cannot be read.
@@ -594,6 +696,43 @@ mod tests {
             .parse::<NetConfig>()
             .unwrap_err()
             .contains("bad MAC"));
+    }
+
+    #[test]
+    fn transports_parse_per_device_and_only_for_virtio() {
+        let d: DiskConfig = "/a,transport=mmio".parse().unwrap();
+        assert_eq!(d.transport, Some(VirtioTransport::Mmio));
+        let d: DiskConfig = "/a".parse().unwrap();
+        assert_eq!(d.transport, None);
+        let err = "/a,model=ide,transport=pci"
+            .parse::<DiskConfig>()
+            .unwrap_err();
+        assert!(err.contains("virtio devices only"), "{err}");
+        let err = "/a,transport=isa".parse::<DiskConfig>().unwrap_err();
+        assert!(err.contains("unknown virtio transport 'isa'"), "{err}");
+        let n: NetConfig = "tap=t,transport=pci".parse().unwrap();
+        assert_eq!(n.transport, Some(VirtioTransport::Pci));
+        assert!("tap=t,model=ne2k,transport=mmio"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("virtio devices only"));
+        let c: ConsoleConfig = "virtio,transport=mmio,file=/x".parse().unwrap();
+        assert_eq!(c.transport, Some(VirtioTransport::Mmio));
+        assert_eq!("pci".parse(), Ok(VirtioTransport::Pci));
+    }
+
+    #[test]
+    fn acpi_off_on_the_command_line_is_seen_before_init_arguments() {
+        assert!(cmdline_disables_acpi("console=ttyS0 acpi=off quiet"));
+        assert!(!cmdline_disables_acpi("console=ttyS0 -- echo acpi=off"));
+        assert!(!cmdline_disables_acpi("acpi=force"));
+        let (_f, mut cfg) = kernel_file();
+        assert!(cfg.guest_uses_acpi());
+        cfg.cmdline = "console=ttyS0 acpi=off".into();
+        assert!(!cfg.guest_uses_acpi());
+        cfg.cmdline = DEFAULT_CMDLINE.into();
+        cfg.acpi = false;
+        assert!(!cfg.guest_uses_acpi());
     }
 
     #[test]

@@ -16,8 +16,11 @@
 //!
 //! `seccomp` puts every thread under an allow-list of syscalls once its setup is done.
 //! `crash` says where a guest died (registers, symbols, the console's last lines).
+//! `check` tells whether the host has what ferrovm needs (`ferrovm check`, and the start-up
+//! check for hardware virtualization under /dev/kvm).
 
 pub mod arch;
+pub mod check;
 pub mod config;
 pub mod crash;
 pub mod devices;

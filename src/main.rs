@@ -4,18 +4,31 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use ferrovm::config::{ConsoleConfig, DiskConfig, NetConfig, SerialBackend, DEFAULT_CMDLINE};
+use ferrovm::config::{
+    ConsoleConfig, DiskConfig, NetConfig, SerialBackend, VirtioTransport, DEFAULT_CMDLINE,
+};
+use ferrovm::leftovers::Leftovers;
 use ferrovm::{terminal, Outcome, VmConfig, Vmm};
+
+/// `--version`: the crate version and the commit it was built from (build.rs; `-dirty` when
+/// the sources differed from it, `unknown` outside a git checkout).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("FERROVM_GIT_COMMIT"),
+    ")"
+);
 
 /// A micro-VMM on KVM: boots a Linux kernel with emulated and paravirtual devices.
 #[derive(Parser)]
-#[command(name = "ferrovm", version, about, long_about = None, propagate_version = true)]
+#[command(name = "ferrovm", version = VERSION, about, long_about = None, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // made once per process: boxing RunArgs would buy nothing
 enum Command {
     /// Boot a Linux guest and run it until it powers off, reboots or crashes.
     ///
@@ -25,6 +38,17 @@ enum Command {
     /// SIGHUP stop it cleanly), 2 for a bad command line, 159 (128+SIGSYS) when a VMM thread
     /// made a syscall its seccomp filter forbids (the VMM stops at once; see --no-seccomp).
     Run(RunArgs),
+    /// Say what this host offers and what ferrovm needs: the KVM device and its API version,
+    /// hardware virtualization, the KVM capabilities ferrovm uses, TAP creation, virtiofsd.
+    ///
+    /// One line per item, "ok" or "missing" (with the fix). Exit status: 0 when everything
+    /// `ferrovm run` needs is there, 1 when something required is missing.
+    Check {
+        /// Print the report as JSON: {"ok": BOOL, "items": [{"id", "ok", "required",
+        /// "detail", "fix"}...]}
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -65,19 +89,22 @@ struct RunArgs {
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     serial: SerialBackend,
 
-    /// A raw disk image, PATH[,readonly][,model=virtio|ide][,serial=ID]; repeatable.
-    /// virtio disks appear as /dev/vda, /dev/vdb, ... (root=/dev/vda boots from the first);
-    /// model=ide disks (at most 4, emulated ATA on a PIIX IDE controller) as /dev/sda, ...
+    /// A raw disk image, PATH[,readonly][,model=virtio|ide][,transport=pci|mmio][,serial=ID];
+    /// repeatable. virtio disks appear as /dev/vda, /dev/vdb, ... (root=/dev/vda boots from
+    /// the first); model=ide disks (at most 4, emulated ATA on a PIIX IDE controller) as
+    /// /dev/sda, ...
     #[arg(long = "disk", value_name = "DISK")]
     disks: Vec<DiskConfig>,
 
-    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio|ne2k]; repeatable.
+    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio|ne2k]
+    /// [,transport=pci|mmio]; repeatable.
     /// model=ne2k is an emulated NE2000 PCI card (RTL8029). tap=auto creates a TAP named
     /// fvmtapN for the VM's lifetime (needs CAP_NET_ADMIN)
     #[arg(long = "net", value_name = "NIC")]
     nets: Vec<NetConfig>,
 
-    /// A paravirtual console (/dev/hvc0), virtio[,stdio|,file=PATH|,none]; with stdio it
+    /// A paravirtual console (/dev/hvc0), virtio[,stdio|,file=PATH|,none][,transport=pci|mmio];
+    /// with stdio it
     /// takes the terminal's input (the serial port keeps its output)
     #[arg(long, value_name = "CONSOLE")]
     console: Option<ConsoleConfig>,
@@ -102,6 +129,25 @@ struct RunArgs {
     /// it needs, and a forbidden one stops the VMM with status 159); for debugging only
     #[arg(long)]
     no_seccomp: bool,
+
+    /// The transport of virtio devices that do not choose one with transport=: "pci"
+    /// (virtio-pci with MSI-X, what distribution and defconfig kernels find) or "mmio"
+    /// (virtio-mmio, described in the DSDT, or on the command line under --no-acpi)
+    #[arg(long, value_name = "pci|mmio", default_value = "pci")]
+    virtio_transport: VirtioTransport,
+
+    /// Give the guest no ACPI tables: it finds its CPUs and interrupt routing in the MP
+    /// table, virtio-mmio devices on the kernel command line, and powers off by halting
+    /// (for kernels built without CONFIG_ACPI; `acpi=off` on the command line does the same
+    /// for the guest but keeps the tables)
+    #[arg(long)]
+    no_acpi: bool,
+
+    /// Run even when /dev/kvm has no hardware virtualization (vmx/svm) under it, e.g. a
+    /// software KVM; the guest then fails when KVM cannot emulate an instruction (see
+    /// `ferrovm check`; scripts/kvm-sandbox gives a working KVM on such hosts)
+    #[arg(long)]
+    allow_emulated_kvm: bool,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -120,6 +166,9 @@ impl From<RunArgs> for VmConfig {
             metrics: a.metrics,
             seccomp: !a.no_seccomp,
             system_map: a.system_map,
+            virtio_transport: a.virtio_transport,
+            acpi: !a.no_acpi,
+            allow_emulated_kvm: a.allow_emulated_kvm,
         }
     }
 }
@@ -139,10 +188,11 @@ fn print_error(err: &dyn std::error::Error) {
     eprintln!("{line}");
 }
 
-/// Logs what the torn-down VMM left in this process: a warning naming each thread and fd,
-/// or one info line saying there is nothing (the load tests look for it).
-fn report_leftovers() {
-    let left = ferrovm::leftovers::Leftovers::of_this_process();
+/// Logs what the torn-down VMM left in this process beyond what it started with: a warning
+/// naming each thread and fd, or one info line saying there is nothing (the load tests look
+/// for it).
+fn report_leftovers(at_start: &Leftovers) {
+    let left = Leftovers::of_this_process().since(at_start);
     if left.is_empty() {
         log::info!("VMM torn down: no threads or file descriptors left behind");
     } else {
@@ -151,17 +201,34 @@ fn report_leftovers() {
 }
 
 fn main() -> ExitCode {
+    // Before anything is opened: fds the parent let us inherit are not ours to close.
+    let at_start = Leftovers::of_this_process();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
     terminal::install_panic_restore();
 
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Check { json } => {
+            let report = ferrovm::check::Report::of_this_host();
+            print!("{}", if json { report.json() } else { report.text() });
+            return if report.missing_required() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    log::info!("ferrovm {VERSION}");
+    if !at_start.fds.is_empty() {
+        log::debug!("Inherited from the parent: {at_start}");
+    }
     let cfg = VmConfig::from(args);
     let result = Vmm::build(&cfg).and_then(Vmm::run);
     // The VMM is gone (run consumes it): every device thread should be joined and every
-    // file, TAP, eventfd and KVM fd closed by now.
-    report_leftovers();
+    // file, TAP, eventfd and KVM fd it opened closed by now.
+    report_leftovers(&at_start);
     match result {
         Ok(Outcome {
             reason,

@@ -15,9 +15,11 @@ use log::{debug, error, info, warn};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{block_signal, register_signal_handler, unblock_signal};
 
+use crate::arch::x86_64::acpi::{setup_acpi, AcpiError};
 use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError};
 use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
+use crate::check::CheckError;
 use crate::config::{ConfigError, DeviceModel, SerialBackend, VmConfig};
 use crate::crash::symbols::SymbolError;
 use crate::crash::{ConsoleTail, CrashReport, SymbolSource};
@@ -74,11 +76,15 @@ pub enum VmmError {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
+    Check(#[from] CheckError),
+    #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
     Mptable(#[from] MptableError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     #[error(transparent)]
     Device(#[from] DeviceError),
     #[error(transparent)]
@@ -255,10 +261,13 @@ impl Vmm {
         // Memory first: a host that cannot give it is told so whether or not KVM is there.
         let mem = create_guest_memory(cfg.mem_bytes())?;
         let vm = KvmVm::new(cfg.vcpus)?;
+        // After the KVM device errors (a host without /dev/kvm is told that first), before
+        // anything runs on a KVM that would fail the guest minutes later.
+        crate::check::require_hardware_virtualization(cfg.allow_emulated_kvm)?;
         vm.register_memory(&mem)?;
 
         let mut event_manager = DeviceEventManager::new().map_err(VmmError::EventLoop)?;
-        let mut devices = DeviceManager::new();
+        let mut devices = DeviceManager::new(cfg.guest_uses_acpi());
         // Stdin feeds the UART that takes it, from the event loop.
         let mut feed_stdin = |uart| -> Result<(), VmmError> {
             let input = stdin_input()
@@ -284,16 +293,27 @@ impl Vmm {
                 None
             };
             let dev = VirtioConsole::new(out, input)?;
+            let transport = cfg
+                .console
+                .as_ref()
+                .and_then(|c| c.transport)
+                .unwrap_or(cfg.virtio_transport);
             devices.attach_virtio(
                 &vm,
                 &mem,
                 &mut event_manager,
                 dev,
+                transport,
                 "hvc0",
                 "virtio console (hvc0)",
             )?;
         }
         let reset_evt = devices.attach_i8042()?;
+        let power_off_evt = if cfg.acpi {
+            Some(devices.attach_acpi_pm(&reset_evt)?)
+        } else {
+            None
+        };
         // Virtio disks are vda, vdb, ... and IDE disks sda, sdb, ... each in flag order.
         let mut ide_disks = Vec::new();
         let mut virtio_disks = 0u8;
@@ -311,7 +331,16 @@ impl Vmm {
                     virtio_disks += 1;
                     let dev = VirtioBlock::new(name.clone(), Box::new(file), disk.readonly, &id)?;
                     let what = format!("disk {name} ({})", disk.path.display());
-                    devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &name, &what)?;
+                    let transport = disk.transport.unwrap_or(cfg.virtio_transport);
+                    devices.attach_virtio(
+                        &vm,
+                        &mem,
+                        &mut event_manager,
+                        dev,
+                        transport,
+                        &name,
+                        &what,
+                    )?;
                 }
             }
         }
@@ -328,7 +357,16 @@ impl Vmm {
                 }
                 _ => {
                     let dev = VirtioNet::new(name.clone(), Box::new(tap), mac)?;
-                    devices.attach_virtio(&vm, &mem, &mut event_manager, dev, &name, &what)?;
+                    let transport = net.transport.unwrap_or(cfg.virtio_transport);
+                    devices.attach_virtio(
+                        &vm,
+                        &mem,
+                        &mut event_manager,
+                        dev,
+                        transport,
+                        &name,
+                        &what,
+                    )?;
                 }
             }
         }
@@ -341,7 +379,13 @@ impl Vmm {
                 .map(|c| c.to_string_lossy().into_owned())
                 .unwrap_or_default()
         );
-        let entry = load_kernel(&mem, &boot_plan, &cmdline)?;
+        // The ACPI tables (when the VM has them) describe the devices attached above.
+        let rsdp = if cfg.acpi {
+            Some(setup_acpi(&mem, &devices.acpi_config(cfg.vcpus))?)
+        } else {
+            None
+        };
+        let entry = load_kernel(&mem, &boot_plan, &cmdline, rsdp)?;
         info!(
             "Kernel {} loaded, entry {:#x} ({:?})",
             cfg.kernel.display(),
@@ -369,6 +413,7 @@ impl Vmm {
         let run_state = Arc::new(VmRunState::new(cfg.vcpus).map_err(VmmError::EventFd)?);
         let lifecycle = LifecycleHandler {
             reset_evt,
+            power_off_evt,
             run_state: run_state.clone(),
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(lifecycle)));
@@ -560,19 +605,26 @@ fn open_serial_backend(backend: &SerialBackend) -> Result<(Box<dyn Write + Send>
 
 const EVT_RESET: u32 = 0;
 const EVT_EXIT: u32 = 1;
+const EVT_POWER_OFF: u32 = 2;
 
-/// Turns the i8042 reset line into a guest exit, and wakes the loop when a vCPU reports one.
+/// Turns the reset line (i8042 or ACPI reset register) and ACPI S5 into guest exits, and
+/// wakes the loop when a vCPU reports one.
 struct LifecycleHandler {
     reset_evt: EventFd,
+    power_off_evt: Option<EventFd>,
     run_state: Arc<VmRunState>,
 }
 
 impl MutEventSubscriber for LifecycleHandler {
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, data) in [
+        let mut fds = vec![
             (self.reset_evt.as_raw_fd(), EVT_RESET),
             (self.run_state.exit_evt.as_raw_fd(), EVT_EXIT),
-        ] {
+        ];
+        if let Some(evt) = &self.power_off_evt {
+            fds.push((evt.as_raw_fd(), EVT_POWER_OFF));
+        }
+        for (fd, data) in fds {
             if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
                 error!("Failed to watch lifecycle events: {e:?}");
             }
@@ -583,8 +635,15 @@ impl MutEventSubscriber for LifecycleHandler {
         match events.data() {
             EVT_RESET => {
                 let _ = self.reset_evt.read();
-                info!("The guest reset the CPU through the i8042");
+                info!("The guest reset the machine (i8042 or ACPI reset register)");
                 self.run_state.report(GuestExit::Reset);
+            }
+            EVT_POWER_OFF => {
+                if let Some(evt) = &self.power_off_evt {
+                    let _ = evt.read();
+                }
+                info!("The guest powered off through ACPI S5");
+                self.run_state.report(GuestExit::PowerOff);
             }
             // The exit is already recorded; reading just clears the wakeup.
             EVT_EXIT => {
@@ -603,6 +662,7 @@ mod tests {
     fn exit_codes() {
         assert_eq!(ExitReason::Guest(GuestExit::Reset).exit_code(), 0);
         assert_eq!(ExitReason::Guest(GuestExit::Halted).exit_code(), 0);
+        assert_eq!(ExitReason::Guest(GuestExit::PowerOff).exit_code(), 0);
         assert_eq!(
             ExitReason::Guest(GuestExit::TripleFault { vcpu: 0 }).exit_code(),
             1

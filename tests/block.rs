@@ -1,4 +1,5 @@
-//! Disks, on both models (virtio-blk and the emulated IDE disk, the same tests run on each):
+//! Disks, on both models (virtio-blk, on virtio-pci and on virtio-mmio, and the emulated IDE
+//! disk; the same tests run on each):
 //! a guest filesystem's flushed data is in the image after the VM ends, host data reads back
 //! in the guest, read-only disks stay unchanged, the cache mode and identity, several disks,
 //! booting from a disk as the root device, and a disk written through one model reads back
@@ -117,6 +118,11 @@ const IDE: Model = Model {
     opt: ",model=ide",
     prefix: "sd",
 };
+/// virtio-blk on the virtio-mmio transport (virtio-pci is the default).
+const VIRTIO_MMIO: Model = Model {
+    opt: ",transport=mmio",
+    prefix: "vd",
+};
 
 impl Model {
     /// The guest's name of disk `i` (`vda`, `sdb`, ...).
@@ -143,8 +149,31 @@ macro_rules! per_model {
         mod ide {
             $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::IDE) })*
         }
+        mod virtio_mmio {
+            $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::VIRTIO_MMIO) })*
+        }
     };
 }
+
+/// The same bodies on virtio-blk under Debian's stock cloud kernel (modular: virtio_pci and
+/// virtio_blk load from its initramfs), which finds no virtio-mmio device on its command line.
+macro_rules! on_stock_kernel {
+    ($($name:ident),* $(,)?) => {
+        mod stock_kernel {
+            $(#[test] fn $name() {
+                crate::sandboxed!();
+                let _stock = crate::common::on_stock_kernel();
+                super::$name(&super::VIRTIO)
+            })*
+        }
+    };
+}
+
+on_stock_kernel!(
+    ext4_data_written_and_synced_is_in_the_image,
+    host_written_data_reads_back_in_the_guest,
+    readonly_disk_refuses_guest_writes_and_is_unchanged,
+);
 
 per_model!(
     ext4_data_written_and_synced_is_in_the_image,

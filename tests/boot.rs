@@ -377,3 +377,50 @@ fn guest_kernel_panic_is_a_failure_not_a_reboot() {
     );
     let _ = std::fs::remove_file(metrics);
 }
+
+#[test]
+fn emulated_kvm_is_refused_at_start_unless_allowed() {
+    sandboxed!();
+    // This sandbox's KVM is real; the check is shown a host without vmx/svm. `cli; hlt`:
+    // every vCPU halted with interrupts off, a power-off.
+    let kernel = temp_path("cli-hlt-kernel");
+    std::fs::write(&kernel, tiny_elf(&[0xfa, 0xf4])).unwrap();
+    let out = Vm::new()
+        .arg("--kernel")
+        .arg(&kernel)
+        .as_if_kvm_were_emulated()
+        .run();
+    assert_eq!(out.code, Some(1), "{}", out.dump());
+    assert!(
+        out.reason()
+            .starts_with("ferrovm: error: Failed to find hardware virtualization under /dev/kvm"),
+        "{}",
+        out.dump()
+    );
+    assert!(
+        out.stderr.contains("--allow-emulated-kvm"),
+        "{}",
+        out.dump()
+    );
+
+    let out = Vm::new()
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--allow-emulated-kvm")
+        .as_if_kvm_were_emulated()
+        .env("RUST_LOG", "warn")
+        .run();
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    assert!(
+        out.stderr
+            .contains("No hardware virtualization under /dev/kvm"),
+        "{}",
+        out.dump()
+    );
+    assert!(
+        out.stderr.contains("(--allow-emulated-kvm)"),
+        "{}",
+        out.dump()
+    );
+    let _ = std::fs::remove_file(kernel);
+}

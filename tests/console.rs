@@ -1,6 +1,7 @@
 //! The stream devices: the paravirtual console (/dev/hvc0) and its emulated counterpart, the
 //! second UART (/dev/ttyS1): output reaches the configured backend, host input reaches the
-//! guest. Every test boots the project's guest.
+//! guest. Every test boots the project's guest, hvc0 also over virtio-mmio and on Debian's
+//! stock kernel.
 
 mod common;
 
@@ -23,10 +24,29 @@ fn hvc0_output_reaches_stdout() {
 #[test]
 fn hvc0_output_reaches_a_file_and_not_stdout() {
     sandboxed!();
+    hvc0_to_a_file("");
+}
+
+#[test]
+fn hvc0_over_virtio_mmio_reaches_a_file() {
+    sandboxed!();
+    hvc0_to_a_file(",transport=mmio");
+}
+
+#[test]
+fn hvc0_on_the_stock_kernel_reaches_a_file() {
+    sandboxed!();
+    let _stock = common::on_stock_kernel();
+    hvc0_to_a_file("");
+}
+
+/// 2000 lines through hvc0 (`--console virtio,file=...` plus `opts`) land in the file in
+/// order, and not on stdout.
+fn hvc0_to_a_file(opts: &str) {
     let log = temp_path("hvc0.log");
     let out = Vm::guest_running("seq 1 2000 > /dev/hvc0")
         .arg("--console")
-        .arg(format!("virtio,file={}", log.display()))
+        .arg(format!("virtio,file={}{opts}", log.display()))
         .run();
     assert_eq!(out.code, Some(0), "{}", out.dump());
     let text = std::fs::read_to_string(&log).unwrap();

@@ -26,12 +26,17 @@ def kvm_hw():
         return False
 
 
-def ferro(model, label, peer):
-    return {"name": f"ferrovm-{model}", "label": label, "kind": "ferrovm", "model": model, "peer": peer}
+def ferro(model, label, peer, transport=None):
+    """A ferrovm subject; virtio ones name their transport (pci, mmio) in name and label."""
+    name = f"ferrovm-{model}" + (f"-{transport}" if transport else "")
+    return {"name": name, "label": label, "kind": "ferrovm", "model": model, "peer": peer,
+            "transport": transport}
 
 
-def qemu(model, label):
-    return {"name": f"qemu-{model}", "label": label, "kind": "qemu", "model": model}
+def qemu(model, label, transport=None):
+    """A QEMU subject; virtio over pci runs on `-M pc` (virtio-*-pci), over mmio on microvm."""
+    name = f"qemu-{model}" + ("-pci" if transport == "pci" else "")
+    return {"name": name, "label": label, "kind": "qemu", "model": model, "transport": transport}
 
 
 def host(label):
@@ -140,6 +145,9 @@ class Boot:
     MEM_MIB = 256
     FIGURES = [("boot_s", "boot to userspace", "s", "lower")]
     SUBJECTS = [ferro("boot", "ferrovm", "qemu-microvm"),
+                # The same without ACPI tables (MP table only), as ferrovm booted before it
+                # had them: what ACPI costs at boot.
+                dict(ferro("boot", "ferrovm --no-acpi", "qemu-microvm"), name="ferrovm-boot-noacpi"),
                 {"name": "qemu-microvm", "label": "QEMU microvm", "kind": "qemu", "model": "boot"}]
 
     def __init__(self, art, args, p):
@@ -148,6 +156,9 @@ class Boot:
         self.commands = {
             "ferrovm-boot": [vms.FERROVM, "run", "--kernel", art["vmlinux"], "--initrd", art["initramfs"],
                              "--memory", str(self.MEM_MIB), "--serial", "stdio", "--cmdline", cmdline],
+            "ferrovm-boot-noacpi": [vms.FERROVM, "run", "--kernel", art["vmlinux"], "--initrd",
+                                    art["initramfs"], "--memory", str(self.MEM_MIB), "--serial",
+                                    "stdio", "--no-acpi", "--cmdline", cmdline],
             "qemu-microvm": [vms.qemu_binary() or "qemu-system-x86_64",
                              "-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-accel", "kvm",
                              "-cpu", "host", "-m", str(self.MEM_MIB), "-smp", "1", "-nodefaults",
@@ -268,7 +279,10 @@ class Block(VmClass):
     ]
     CHART = ["seq_read_mbps", "seq_write_mbps", "rand_read_qd1_iops", "rand_read_qd16_iops"]
     SUBJECTS = [host("host file"), container("container"),
-                ferro("virtio", "ferrovm virtio-blk", "qemu-virtio"), qemu("virtio", "QEMU virtio-blk"),
+                ferro("virtio", "ferrovm virtio-blk-pci", "qemu-virtio-pci", "pci"),
+                qemu("virtio", "QEMU virtio-blk-pci (pc)", "pci"),
+                ferro("virtio", "ferrovm virtio-blk (mmio)", "qemu-virtio", "mmio"),
+                qemu("virtio", "QEMU virtio-blk (microvm mmio)", "mmio"),
                 ferro("ide", "ferrovm IDE", "qemu-ide"), qemu("ide", "QEMU IDE (PIO)"),
                 # Context, not the peer: what the same QEMU disk does when the guest may use
                 # busmaster DMA, which ferrovm's PIO-only IDE does not offer.
@@ -337,7 +351,7 @@ class Block(VmClass):
 
     def device(self, subject):
         return {"kind": "disk", "model": subject["model"], "path": self.disk,
-                "dma": subject.get("dma", False)}
+                "dma": subject.get("dma", False), "transport": subject.get("transport")}
 
     def guest_script(self, subject):
         dev = "vda" if subject["model"] == "virtio" else "sda"
@@ -469,7 +483,10 @@ class Net(VmClass):
     ]
     CHART = ["tcp_tx_gbps", "tcp_rx_gbps", "rtt_p50_ms"]
     SUBJECTS = [host("host loopback"), container("container (veth)"),
-                ferro("virtio", "ferrovm virtio-net", "qemu-virtio"), qemu("virtio", "QEMU virtio-net"),
+                ferro("virtio", "ferrovm virtio-net-pci", "qemu-virtio-pci", "pci"),
+                qemu("virtio", "QEMU virtio-net-pci (pc)", "pci"),
+                ferro("virtio", "ferrovm virtio-net (mmio)", "qemu-virtio", "mmio"),
+                qemu("virtio", "QEMU virtio-net (microvm mmio)", "mmio"),
                 ferro("ne2k", "ferrovm ne2k", "qemu-ne2k"), qemu("ne2k", "QEMU ne2k_pci")]
 
     def setup(self):
@@ -519,7 +536,8 @@ class Net(VmClass):
         return t if subject["kind"] in ("host", "container") else t + self.vm_overhead()
 
     def device(self, subject):
-        return {"kind": "nic", "model": subject["model"], "tap": self.TAP}
+        return {"kind": "nic", "model": subject["model"], "tap": self.TAP,
+                "transport": subject.get("transport")}
 
     def client_commands(self, server, model=None, wrap=""):
         """The client side: iperf3 both ways, then ping. ne2k (ferrovm's and QEMU's alike)
@@ -638,8 +656,10 @@ class Stream(VmClass):
     CHART = ["stream_mbps"]
     DRAIN_S = 30
     SUBJECTS = [ferro("uart", "ferrovm UART (ttyS1)", "qemu-uart"), qemu("uart", "QEMU UART (pc)"),
-                ferro("virtio-console", "ferrovm virtio-console", "qemu-virtio-console"),
-                qemu("virtio-console", "QEMU virtio-console")]
+                ferro("virtio-console", "ferrovm virtio-console (pci)", "qemu-virtio-console-pci", "pci"),
+                qemu("virtio-console", "QEMU virtio-console-pci (pc)", "pci"),
+                ferro("virtio-console", "ferrovm virtio-console (mmio)", "qemu-virtio-console", "mmio"),
+                qemu("virtio-console", "QEMU virtio-console (microvm mmio)", "mmio")]
 
     def __init__(self, art, args, p):
         super().__init__(art, args, p)
@@ -658,7 +678,7 @@ class Stream(VmClass):
 
     def device(self, subject):
         return {"kind": "uart" if subject["model"] == "uart" else "console", "model": subject["model"],
-                "path": self.out}
+                "path": self.out, "transport": subject.get("transport")}
 
     def metrics_pick(self, subject):
         name = "ttyS1" if subject["model"] == "uart" else "hvc0"

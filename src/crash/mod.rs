@@ -75,7 +75,7 @@ fn exit_name(exit: &GuestExit) -> &'static str {
             "CPU reset with interrupt routing still live (an emergency restart, not a reboot)"
         }
         GuestExit::Unexpected { .. } => "an exit the VMM does not handle",
-        GuestExit::Reset | GuestExit::Halted => "an orderly end",
+        GuestExit::Reset | GuestExit::Halted | GuestExit::PowerOff => "an orderly end",
     }
 }
 

@@ -10,28 +10,35 @@ use kvm_ioctls::IoEventAddress;
 use log::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{AcpiConfig, MmioDevice};
 use crate::arch::x86_64::layout::{
-    DEVICE_IRQS, I8042_PORT, I8042_PORT_LEN, IDE_PORT_LEN, IDE_PRIMARY_CTL_PORT, IDE_PRIMARY_IRQ,
-    IDE_PRIMARY_PORT, IDE_SECONDARY_CTL_PORT, IDE_SECONDARY_IRQ, IDE_SECONDARY_PORT,
-    PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_IO_BAR_STRIDE, PCI_IO_WINDOW_LEN,
-    PCI_IO_WINDOW_START, UART_PORT_LEN, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
+    ACPI_PM_PORT, ACPI_PM_PORT_LEN, DEVICE_IRQS, I8042_PORT, I8042_PORT_LEN, IDE_PORT_LEN,
+    IDE_PRIMARY_CTL_PORT, IDE_PRIMARY_IRQ, IDE_PRIMARY_PORT, IDE_SECONDARY_CTL_PORT,
+    IDE_SECONDARY_IRQ, IDE_SECONDARY_PORT, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_IO_BAR_STRIDE,
+    PCI_IO_WINDOW_LEN, PCI_IO_WINDOW_START, PCI_MMIO_WINDOW_LEN, PCI_MMIO_WINDOW_START,
+    UART_PORT_LEN, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::mptable::PciIrq;
-use crate::config::{MacAddr, MAX_IDE_DISKS};
-use crate::devices::bus::{Bus, BusError};
+use crate::config::{MacAddr, VirtioTransport, MAX_IDE_DISKS};
+use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::emulated::ide::{self, AtaDisk, CommandBlock, ControlBlock, IdeChannel};
 use crate::devices::emulated::ne2k::{self, Ne2k};
 use crate::devices::emulated::ne2k_tap::{Ne2kTap, TapSink};
-use crate::devices::emulated::pci::{self, PciBus, PciIoWindow};
 use crate::devices::legacy::serial;
-use crate::devices::legacy::{SerialDevice, I8042};
+use crate::devices::legacy::{AcpiPm, SerialDevice, I8042};
 use crate::devices::metrics::{DeviceMetrics, Metered, MetricsRegistry, Space};
+use crate::devices::pci::msix::{MsiMessage, MsiRouting, MsixTable, MsixVector};
+use crate::devices::pci::{piix, BarSpace, PciBus, PciWindow};
 use crate::devices::tap::Tap;
+use crate::devices::virtio::device::MsixVectors;
 use crate::devices::virtio::mmio::{self, MMIO_LEN, REG_QUEUE_NOTIFY};
-use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioInterrupt};
+use crate::devices::virtio::pci_transport::{
+    self, NotifyRegistry, BAR_SIZE as VIRTIO_PCI_BAR_SIZE,
+};
+use crate::devices::virtio::{MmioTransport, PciTransport, VirtioDevice, VirtioInterrupt};
 use crate::devices::DeviceEventManager;
 use crate::vstate::memory::GuestMemoryMmap;
-use crate::vstate::vm::{KvmVm, VmError};
+use crate::vstate::vm::{GsiRouter, IoEvents, KvmVm, VmError};
 
 /// Errors wiring devices.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +57,28 @@ pub enum DeviceError {
     TooManyIdeDisks(usize),
     #[error("No PCI slot or I/O space left for {0}")]
     OutOfPci(String),
+    #[error("Failed to set up the MSI-X vectors of {0}")]
+    Msix(String, #[source] VmError),
+    #[error("Failed to put {0} on the PCI bus: {1}")]
+    PciTransport(String, String),
+}
+
+/// MSI-X programs KVM's GSI routing through the VM's router.
+impl MsiRouting for GsiRouter {
+    fn set_route(&self, gsi: u32, msg: MsiMessage) -> Result<(), String> {
+        self.set_msi_route(gsi, msg.address, msg.data)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// virtio-pci moves its queue notifications through the VM's ioeventfds.
+impl NotifyRegistry for IoEvents {
+    fn register(&self, evt: &EventFd, addr: u64) -> Result<(), String> {
+        self.register_mmio(evt, addr).map_err(|e| e.to_string())
+    }
+    fn unregister(&self, evt: &EventFd, addr: u64) -> Result<(), String> {
+        self.unregister_mmio(evt, addr).map_err(|e| e.to_string())
+    }
 }
 
 /// PCI slots: 0 host bridge, 1 PIIX3 (ISA bridge and IDE), NICs from 2.
@@ -61,7 +90,31 @@ struct PciState {
     bus: Arc<Mutex<PciBus>>,
     next_slot: u8,
     next_io: u16,
+    /// Next free address in the PCI memory window.
+    next_mem: u64,
     irqs: Vec<PciIrq>,
+}
+
+impl PciState {
+    /// A naturally aligned memory BAR of `size` bytes, or None when the window is full.
+    fn allocate_mem(&mut self, size: u64) -> Option<u64> {
+        let base = self.next_mem.next_multiple_of(size);
+        let end = base.checked_add(size)?;
+        if end > PCI_MMIO_WINDOW_START + PCI_MMIO_WINDOW_LEN {
+            return None;
+        }
+        self.next_mem = end;
+        Some(base)
+    }
+
+    /// The next slot, if one is left.
+    fn take_slot(&mut self) -> Option<u8> {
+        let slot = self.next_slot;
+        (slot < 32).then(|| {
+            self.next_slot += 1;
+            slot
+        })
+    }
 }
 
 /// Builds the port I/O and MMIO buses.
@@ -77,16 +130,24 @@ pub struct DeviceManager {
     pci: Option<PciState>,
     /// Whether a device had KVM coalesce writes to one of its ports.
     coalesced_pio: bool,
+    /// Whether the guest reads ACPI tables (then virtio-mmio devices are described in the
+    /// DSDT rather than on the kernel command line).
+    acpi: bool,
+    /// The virtio-mmio devices and UARTs, for the DSDT.
+    mmio_devices: Vec<MmioDevice>,
+    serial_ports: Vec<(u16, u32)>,
 }
 
 impl Default for DeviceManager {
     fn default() -> Self {
-        Self::new()
+        Self::new(true)
     }
 }
 
 impl DeviceManager {
-    pub fn new() -> Self {
+    /// A manager for a guest that reads ACPI tables (`acpi`) or only the MP table and its
+    /// command line.
+    pub fn new(acpi: bool) -> Self {
         Self {
             pio_bus: Bus::new(Space::Pio),
             mmio_bus: Bus::new(Space::Mmio),
@@ -96,6 +157,9 @@ impl DeviceManager {
             metrics: MetricsRegistry::new(),
             pci: None,
             coalesced_pio: false,
+            acpi,
+            mmio_devices: Vec::new(),
+            serial_ports: Vec::new(),
         }
     }
 
@@ -130,6 +194,7 @@ impl DeviceManager {
                 Some(metrics),
             )
             .map_err(|e| DeviceError::Bus(WHAT, e))?;
+        self.serial_ports.push((port, irq));
         info!("{name}: 16550A at {port:#x}, IRQ {irq}");
         Ok(serial)
     }
@@ -138,16 +203,17 @@ impl DeviceManager {
     fn pci(&mut self) -> &mut PciState {
         self.pci.get_or_insert_with(|| {
             let mut bus = PciBus::new();
-            bus.add(0, 0, Arc::new(Mutex::new(pci::host_bridge())));
+            bus.add(0, 0, Arc::new(Mutex::new(piix::host_bridge())));
             bus.add(
                 PCI_SLOT_PIIX,
                 0,
-                Arc::new(Mutex::new(pci::piix3_isa_bridge())),
+                Arc::new(Mutex::new(piix::piix3_isa_bridge())),
             );
             PciState {
                 bus: Arc::new(Mutex::new(bus)),
                 next_slot: PCI_FIRST_FREE_SLOT,
                 next_io: PCI_IO_WINDOW_START,
+                next_mem: PCI_MMIO_WINDOW_START,
                 irqs: Vec::new(),
             }
         })
@@ -217,7 +283,7 @@ impl DeviceManager {
             }
             info!("{name}: IDE channel at {port:#x}/{ctl:#x}, IRQ {irq}");
         }
-        let ide = pci::piix3_ide(true, secondary_used);
+        let ide = piix::piix3_ide(true, secondary_used);
         self.pci()
             .bus
             .lock()
@@ -238,14 +304,15 @@ impl DeviceManager {
         const WHAT: &str = "NE2000 NIC";
         let irq = self.allocate_irq(name)?;
         let pci = self.pci();
-        let slot = pci.next_slot;
         let io_base = pci.next_io;
-        if slot >= 32
-            || u32::from(io_base) + u32::from(PCI_IO_BAR_STRIDE)
-                > u32::from(PCI_IO_WINDOW_START) + u32::from(PCI_IO_WINDOW_LEN)
+        if u32::from(io_base) + u32::from(PCI_IO_BAR_STRIDE)
+            > u32::from(PCI_IO_WINDOW_START) + u32::from(PCI_IO_WINDOW_LEN)
         {
             return Err(DeviceError::OutOfPci(name.into()));
         }
+        let slot = pci
+            .take_slot()
+            .ok_or_else(|| DeviceError::OutOfPci(name.into()))?;
         let irq_evt =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(WHAT, e))?;
         vm.register_irqfd(&irq_evt, irq)
@@ -277,7 +344,6 @@ impl DeviceManager {
             .unwrap_or_else(|p| p.into_inner())
             .add_metered(slot, 0, nic.clone(), Some(metrics.clone()));
         pci.irqs.push(PciIrq { slot, irq });
-        pci.next_slot += 1;
         pci.next_io += PCI_IO_BAR_STRIDE;
         // The data port takes a frame as hundreds of `outsl` words, each an exit of its own
         // (KVM batches string input, not output); coalesced, they cost none until the driver
@@ -299,21 +365,23 @@ impl DeviceManager {
     /// Attaches the i8042 controller; returns the eventfd it writes when the guest resets.
     pub fn attach_i8042(&mut self) -> Result<EventFd, DeviceError> {
         const WHAT: &str = "i8042 controller";
-        let reset_evt =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(WHAT, e))?;
-        let dev = I8042::new(
-            reset_evt
-                .try_clone()
-                .map_err(|e| DeviceError::EventFd(WHAT, e))?,
-        );
-        self.pio_bus
-            .insert(
-                Arc::new(Mutex::new(dev)),
-                u64::from(I8042_PORT),
-                u64::from(I8042_PORT_LEN),
-            )
-            .map_err(|e| DeviceError::Bus(WHAT, e))?;
+        let reset_evt = new_eventfd(WHAT)?;
+        let dev = I8042::new(clone_eventfd(&reset_evt, WHAT)?);
+        self.insert_pio(dev, I8042_PORT, I8042_PORT_LEN, WHAT)?;
         Ok(reset_evt)
+    }
+
+    /// Maps an unmetered port I/O device at `[port, port + len)`.
+    fn insert_pio(
+        &mut self,
+        dev: impl BusDevice + 'static,
+        port: u16,
+        len: u16,
+        what: &'static str,
+    ) -> Result<(), DeviceError> {
+        self.pio_bus
+            .insert(Arc::new(Mutex::new(dev)), u64::from(port), u64::from(len))
+            .map_err(|e| DeviceError::Bus(what, e))
     }
 
     fn allocate_irq(&mut self, what: &str) -> Result<u32, DeviceError> {
@@ -324,35 +392,64 @@ impl DeviceManager {
         Ok(irq)
     }
 
-    /// Wires a virtio device in: an MMIO slot with the transport, an IRQ through an irqfd,
-    /// one ioeventfd per queue on QueueNotify (matched on the queue index, so a notify never
-    /// exits to userspace), the device's event handler on the event loop, and the
-    /// `virtio_mmio.device=` parameter that tells the guest where to find it.
+    /// Wires a virtio device in on `transport`: its event handler on the event loop, and
+    /// either a virtio-pci function (`attach_virtio_pci`) or a virtio-mmio slot
+    /// (`attach_virtio_mmio`).
+    #[allow(clippy::too_many_arguments)]
     pub fn attach_virtio<D>(
         &mut self,
         vm: &KvmVm,
         mem: &GuestMemoryMmap,
         event_manager: &mut DeviceEventManager,
         device: D,
+        transport: VirtioTransport,
         name: &str,
         what: &str,
     ) -> Result<Arc<Mutex<D>>, DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let irq = self.allocate_irq(what)?;
         let (model, class) = match device.device_type() {
             1 => ("virtio-net", "net"),
             2 => ("virtio-blk", "block"),
             3 => ("virtio-console", "stream"),
             _ => ("virtio", "other"),
         };
+        let device = Arc::new(Mutex::new(device));
+        let metrics = match transport {
+            VirtioTransport::Pci => {
+                self.attach_virtio_pci(vm, mem, device.clone(), name, model, class, what)?
+            }
+            VirtioTransport::Mmio => {
+                self.attach_virtio_mmio(vm, mem, device.clone(), name, model, class, what)?
+            }
+        };
+        event_manager.add_subscriber(Arc::new(Mutex::new(Metered::new(device.clone(), metrics))));
+        Ok(device)
+    }
+
+    /// A virtio-mmio slot with the transport, an IRQ through an irqfd, one ioeventfd per
+    /// queue on QueueNotify (matched on the queue index, so a notify never exits to
+    /// userspace), and the device described to the guest: in the DSDT, or with a
+    /// `virtio_mmio.device=` parameter when the guest reads no ACPI tables.
+    #[allow(clippy::too_many_arguments)]
+    fn attach_virtio_mmio(
+        &mut self,
+        vm: &KvmVm,
+        mem: &GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        name: &str,
+        model: &'static str,
+        class: &'static str,
+        what: &str,
+    ) -> Result<Arc<DeviceMetrics>, DeviceError> {
+        let irq = self.allocate_irq(what)?;
         let base = VIRTIO_MMIO_START + self.mmio_slots_used * VIRTIO_MMIO_SLOT_SIZE;
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| DeviceError::EventFd("virtio device", e))?;
         vm.register_irqfd(&irq_evt, irq)
             .map_err(|e| DeviceError::Irq(what.into(), e))?;
-        for (i, evt) in device.queue_events().iter().enumerate() {
+        for (i, evt) in lock_dyn(&device).queue_events().iter().enumerate() {
             vm.fd()
                 .register_ioevent(
                     evt,
@@ -365,10 +462,9 @@ impl DeviceManager {
             DeviceMetrics::new(name, model, class).with_register_names(mmio::register_name),
             base,
         );
-        let device = Arc::new(Mutex::new(device));
         let transport = MmioTransport::new(
             mem.clone(),
-            device.clone(),
+            device,
             Arc::new(VirtioInterrupt::with_metrics(irq_evt, metrics.clone())),
         );
         self.mmio_bus
@@ -380,13 +476,120 @@ impl DeviceManager {
             )
             .map_err(|e| DeviceError::Bus("virtio device", e))?;
         self.mmio_slots_used += 1;
-        event_manager.add_subscriber(Arc::new(Mutex::new(Metered::new(device.clone(), metrics))));
-        self.cmdline_extra.push(format!(
-            "virtio_mmio.device={}K@{base:#x}:{irq}",
-            MMIO_LEN >> 10
-        ));
+        self.mmio_devices.push(MmioDevice {
+            base,
+            len: MMIO_LEN,
+            irq,
+        });
+        if !self.acpi {
+            self.cmdline_extra.push(format!(
+                "virtio_mmio.device={}K@{base:#x}:{irq}",
+                MMIO_LEN >> 10
+            ));
+        }
         info!("{what}: virtio-mmio at {base:#x}, IRQ {irq}");
-        Ok(device)
+        Ok(metrics)
+    }
+
+    /// A virtio-pci function on its own slot: a memory BAR in the PCI window, one MSI-X
+    /// vector per queue plus one for configuration changes (each a GSI with an irqfd, routed
+    /// when the driver programs it), an INTx line for drivers without MSI-X, and the queue
+    /// notifications as ioeventfds in the BAR.
+    #[allow(clippy::too_many_arguments)]
+    fn attach_virtio_pci(
+        &mut self,
+        vm: &KvmVm,
+        mem: &GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        name: &str,
+        model: &'static str,
+        class: &'static str,
+        what: &str,
+    ) -> Result<Arc<DeviceMetrics>, DeviceError> {
+        let irq = self.allocate_irq(what)?;
+        let pci = self.pci();
+        let slot = pci
+            .take_slot()
+            .ok_or_else(|| DeviceError::OutOfPci(what.into()))?;
+        let bar = pci
+            .allocate_mem(VIRTIO_PCI_BAR_SIZE)
+            .ok_or_else(|| DeviceError::OutOfPci(what.into()))?;
+        let intx_evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| DeviceError::EventFd("virtio device", e))?;
+        vm.register_irqfd(&intx_evt, irq)
+            .map_err(|e| DeviceError::Irq(what.into(), e))?;
+        let queues = lock_dyn(&device).queue_max_sizes().len();
+        let mut vectors = Vec::new();
+        for _ in 0..pci_transport::msix_vectors_for(queues) {
+            let gsi = vm
+                .router()
+                .allocate_msi_gsi()
+                .map_err(|e| DeviceError::Msix(what.into(), e))?;
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| DeviceError::EventFd("MSI-X vector", e))?;
+            vm.register_irqfd(&irqfd, gsi)
+                .map_err(|e| DeviceError::Msix(what.into(), e))?;
+            vectors.push(MsixVector { gsi, irqfd });
+        }
+        let table = Arc::new(MsixTable::new(vectors, vm.router().clone()));
+        let metrics = self.metrics.add(
+            DeviceMetrics::new(name, model, class)
+                .with_register_names(pci_transport::register_name),
+            bar,
+        );
+        let interrupt = Arc::new(VirtioInterrupt::with_msix(
+            intx_evt,
+            metrics.clone(),
+            MsixVectors::new(table, queues),
+        ));
+        let transport = PciTransport::new(
+            mem.clone(),
+            device,
+            interrupt,
+            bar,
+            irq as u8,
+            Box::new(vm.ioevents()),
+        )
+        .map_err(|e| DeviceError::PciTransport(what.into(), e))?;
+        let pci = self.pci();
+        pci.bus
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add_metered(
+                slot,
+                0,
+                Arc::new(Mutex::new(transport)),
+                Some(metrics.clone()),
+            );
+        pci.irqs.push(PciIrq { slot, irq });
+        info!(
+            "{what}: virtio-pci at 00:{slot:02x}.0, BAR {bar:#x}, INTx IRQ {irq}, {} MSI-X vectors",
+            queues + 1
+        );
+        Ok(metrics)
+    }
+
+    /// Attaches the ACPI sleep and reset registers; returns the eventfd written when the
+    /// guest powers off through S5 (a reset goes to `reset_evt`, as the i8042's does).
+    pub fn attach_acpi_pm(&mut self, reset_evt: &EventFd) -> Result<EventFd, DeviceError> {
+        const WHAT: &str = "ACPI power management registers";
+        let off_evt = new_eventfd(WHAT)?;
+        let dev = AcpiPm::new(
+            clone_eventfd(&off_evt, WHAT)?,
+            clone_eventfd(reset_evt, WHAT)?,
+        );
+        self.insert_pio(dev, ACPI_PM_PORT, ACPI_PM_PORT_LEN, WHAT)?;
+        Ok(off_evt)
+    }
+
+    /// What the ACPI tables must describe of the attached devices.
+    pub fn acpi_config(&self, num_cpus: u8) -> AcpiConfig {
+        AcpiConfig {
+            num_cpus,
+            pci: self.pci_irqs(),
+            virtio_mmio: self.mmio_devices.clone(),
+            serial_ports: self.serial_ports.clone(),
+        }
     }
 
     /// Kernel command line parameters the attached devices need.
@@ -407,16 +610,33 @@ impl DeviceManager {
     /// The finished buses, to be shared by the vCPU threads, and the devices' counters.
     pub fn finish(mut self) -> Result<(Arc<Bus>, Arc<Bus>, MetricsRegistry), DeviceError> {
         if let Some(pci) = self.pci.take() {
+            let decode = pci
+                .bus
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .decode_map();
             self.pio_bus
                 .insert(
-                    Arc::new(Mutex::new(PciIoWindow::new(
-                        pci.bus.clone(),
+                    Arc::new(Mutex::new(PciWindow::new(
+                        BarSpace::Io,
                         u64::from(PCI_IO_WINDOW_START),
+                        decode.clone(),
                     ))),
                     u64::from(PCI_IO_WINDOW_START),
                     u64::from(PCI_IO_WINDOW_LEN),
                 )
                 .map_err(|e| DeviceError::Bus("PCI I/O window", e))?;
+            self.mmio_bus
+                .insert(
+                    Arc::new(Mutex::new(PciWindow::new(
+                        BarSpace::Memory,
+                        PCI_MMIO_WINDOW_START,
+                        decode,
+                    ))),
+                    PCI_MMIO_WINDOW_START,
+                    PCI_MMIO_WINDOW_LEN,
+                )
+                .map_err(|e| DeviceError::Bus("PCI memory window", e))?;
             self.pio_bus
                 .insert(
                     pci.bus,
@@ -433,13 +653,48 @@ impl DeviceManager {
     }
 }
 
+fn new_eventfd(what: &'static str) -> Result<EventFd, DeviceError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::EventFd(what, e))
+}
+
+fn clone_eventfd(evt: &EventFd, what: &'static str) -> Result<EventFd, DeviceError> {
+    evt.try_clone().map_err(|e| DeviceError::EventFd(what, e))
+}
+
+fn lock_dyn(
+    d: &Arc<Mutex<dyn VirtioDevice>>,
+) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+    d.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn pci_memory_bars_are_aligned_and_stay_in_the_window() {
+        let mut dm = DeviceManager::new(true);
+        let pci = dm.pci();
+        let a = pci.allocate_mem(0x8000).unwrap();
+        let b = pci.allocate_mem(0x2_0000).unwrap();
+        let c = pci.allocate_mem(0x8000).unwrap();
+        assert_eq!(a, PCI_MMIO_WINDOW_START);
+        assert_eq!(b % 0x2_0000, 0);
+        assert!(b >= a + 0x8000 && c >= b + 0x2_0000);
+        assert!(
+            pci.allocate_mem(PCI_MMIO_WINDOW_LEN).is_none(),
+            "window full"
+        );
+        // The window lies in the MMIO gap, clear of RAM and of the virtio-mmio slots.
+        const {
+            assert!(PCI_MMIO_WINDOW_START >= crate::arch::x86_64::layout::MMIO_GAP_START);
+            assert!(PCI_MMIO_WINDOW_START + PCI_MMIO_WINDOW_LEN <= VIRTIO_MMIO_START);
+        }
+    }
+
+    #[test]
     fn i8042_answers_on_its_ports() {
-        let mut dm = DeviceManager::new();
+        let mut dm = DeviceManager::new(true);
         let reset = dm.attach_i8042().unwrap();
         let (pio, _mmio, _) = dm.finish().unwrap();
         assert!(pio.write(0x64, &[0xfe]));

@@ -7,6 +7,7 @@ pub mod host_input;
 pub mod legacy;
 pub mod manager;
 pub mod metrics;
+pub mod pci;
 pub mod tap;
 pub mod virtio;
 

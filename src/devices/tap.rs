@@ -25,6 +25,8 @@ use crate::config::TapConfig;
 pub const DEFAULT_TUN_DEVICE: &str = "/dev/net/tun";
 /// The name asked for with tap=auto; the kernel replaces `%d` with the first free number.
 pub const AUTO_TAP_NAME: &str = "fvmtap%d";
+/// The name of the throwaway TAP `ferrovm check` creates to see whether it may.
+pub const PROBE_TAP_NAME: &str = "fvmcheck%d";
 /// Size of `struct virtio_net_hdr_v1`, the header on every frame (virtio 1.x, 5.1.6).
 pub const VNET_HDR_LEN: i32 = 12;
 
@@ -106,9 +108,7 @@ impl Tap {
     /// VMM exits, if it does not exist and we may), or with tap=auto a new one named
     /// `fvmtapN` by the kernel. A TAP the VMM created is brought up.
     pub fn open(cfg: &TapConfig) -> Result<Self, TapError> {
-        let tun = std::env::var_os("FERROVM_TUN_DEVICE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_TUN_DEVICE));
+        let tun = tun_device_path();
         let tap = match cfg {
             TapConfig::Named(name) => Self::open_at(&tun, name, false)?,
             TapConfig::Auto => Self::open_at(&tun, AUTO_TAP_NAME, true)?,
@@ -123,6 +123,14 @@ impl Tap {
             info!("Opened TAP device {}", tap.name);
         }
         Ok(tap)
+    }
+
+    /// Whether this process may create TAP devices (what tap=auto needs): creates one named
+    /// `fvmcheckN` and closes it, which deletes it again (it is not persistent). Returns the
+    /// name the kernel gave it.
+    pub fn probe_create() -> Result<String, TapError> {
+        let tap = Self::open_at(&tun_device_path(), PROBE_TAP_NAME, true)?;
+        Ok(tap.name.clone())
     }
 
     /// Opens `name` through the control device `tun`, without bringing anything up.
@@ -292,6 +300,13 @@ impl Tap {
             );
         }
     }
+}
+
+/// The TUN/TAP control device: `FERROVM_TUN_DEVICE`, else /dev/net/tun.
+pub fn tun_device_path() -> PathBuf {
+    std::env::var_os("FERROVM_TUN_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TUN_DEVICE))
 }
 
 impl AsRawFd for Tap {

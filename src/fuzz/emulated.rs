@@ -9,8 +9,9 @@ use crate::arch::x86_64::layout::{PCI_IO_WINDOW_LEN, PCI_IO_WINDOW_START};
 use crate::devices::bus::BusDevice;
 use crate::devices::emulated::ide::{AtaDisk, IdeChannel};
 use crate::devices::emulated::ne2k::{FrameSink, Ne2k, BAR_SIZE, MAX_FRAME};
-use crate::devices::emulated::pci::{self, PciBus, PciDevice, PciIoWindow};
 use crate::devices::emulated::Signal;
+use crate::devices::pci::piix;
+use crate::devices::pci::{BarSpace, PciBus, PciDevice, PciWindow};
 
 /// Accesses one input makes at most (the state machines do bounded work per access).
 const MAX_OPS: usize = 4096;
@@ -114,9 +115,9 @@ pub fn ne2k(data: &[u8]) {
         let (write, len) = access(op);
         let mut buf = [0u8; 4];
         if write {
-            nic.io_write(0, offset, &value[..len]);
+            nic.bar_write(0, offset, &value[..len]);
         } else {
-            nic.io_read(0, offset, &mut buf[..len]);
+            nic.bar_read(0, offset, &mut buf[..len]);
         }
     }
 }
@@ -130,12 +131,15 @@ pub fn ne2k(data: &[u8]) {
 pub fn pci(data: &[u8]) {
     let mut input = Input::new(data);
     let mut bus = PciBus::new();
-    bus.add(0, 0, Arc::new(Mutex::new(pci::host_bridge())));
-    bus.add(1, 0, Arc::new(Mutex::new(pci::piix3_isa_bridge())));
-    bus.add(1, 1, Arc::new(Mutex::new(pci::piix3_ide(true, true))));
+    bus.add(0, 0, Arc::new(Mutex::new(piix::host_bridge())));
+    bus.add(1, 0, Arc::new(Mutex::new(piix::piix3_isa_bridge())));
+    bus.add(1, 1, Arc::new(Mutex::new(piix::piix3_ide(true, true))));
     bus.add(2, 0, Arc::new(Mutex::new(nic())));
-    let bus = Arc::new(Mutex::new(bus));
-    let mut window = PciIoWindow::new(bus.clone(), u64::from(PCI_IO_WINDOW_START));
+    let mut window = PciWindow::new(
+        BarSpace::Io,
+        u64::from(PCI_IO_WINDOW_START),
+        bus.decode_map(),
+    );
     for _ in 0..MAX_OPS {
         if input.is_empty() {
             break;
@@ -147,8 +151,8 @@ pub fn pci(data: &[u8]) {
         let mut buf = [0u8; 4];
         let io = op & 8 != 0;
         match (io, write) {
-            (false, false) => bus.lock().unwrap().read(offset % 8, &mut buf[..len]),
-            (false, true) => bus.lock().unwrap().write(offset % 8, &value[..len]),
+            (false, false) => bus.read(offset % 8, &mut buf[..len]),
+            (false, true) => bus.write(offset % 8, &value[..len]),
             (true, false) => {
                 window.read(offset % u64::from(PCI_IO_WINDOW_LEN), &mut buf[..len]);
             }

@@ -43,6 +43,6 @@ pub fn loader(data: &[u8]) {
         );
         let mem = create_guest_memory(MEM_SIZE).expect("guest memory");
         let cmdline = build_cmdline("console=ttyS0", &[]).expect("command line");
-        let _ = load_kernel(&mem, &plan, &cmdline);
+        let _ = load_kernel(&mem, &plan, &cmdline, None);
     });
 }

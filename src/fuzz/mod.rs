@@ -50,6 +50,10 @@ pub const TARGETS: &[Target] = &[
         run: virtio::mmio,
     },
     Target {
+        name: "virtio_pci",
+        run: virtio::pci,
+    },
+    Target {
         name: "ide",
         run: emulated::ide,
     },

@@ -35,12 +35,16 @@ use super::{image_file, Input, MemDisk};
 use crate::config::MacAddr;
 use crate::devices::bus::BusDevice;
 use crate::devices::disk::BlockBackend;
+use crate::devices::pci::msix::{MsiMessage, MsiRouting, MsixTable, MsixVector};
+use crate::devices::pci::PciDevice;
+use crate::devices::virtio::device::MsixVectors;
 use crate::devices::virtio::device::{
     Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::virtio::guest_write::{set_guard_mode, GuardMode};
 use crate::devices::virtio::net::NetBackend;
-use crate::devices::virtio::{MmioTransport, VirtioBlock, VirtioConsole, VirtioNet};
+use crate::devices::virtio::pci_transport::{self, NotifyRegistry};
+use crate::devices::virtio::{MmioTransport, PciTransport, VirtioBlock, VirtioConsole, VirtioNet};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Guest memory of every virtio target.
@@ -492,15 +496,10 @@ pub fn console(data: &[u8]) {
 /// Accesses one MMIO input makes at most.
 const MAX_MMIO_OPS: usize = 512;
 
-/// The virtio-mmio register file: reads and writes of any size at any offset of the
-/// transport's page (a console behind it), then the console's queues as the driver set
-/// them up, if it activated the device.
-///
-/// Input: `data` as for the other virtio targets (u16-prefixed, at DATA_START), then accesses
-/// of `op u8` (bit 0 write, bits 1-2 size 1/2/4/8), `offset u16` (within 0x200), `value u64`.
-pub fn mmio(data: &[u8]) {
+/// Guest memory with the input's blob at DATA_START, and a console to drive; the write
+/// guard on.
+fn console_guest(input: &mut Input) -> (GuestMemoryMmap, Arc<Mutex<VirtioConsole>>) {
     set_guard_mode(GuardMode::Panic);
-    let mut input = Input::new(data);
     let mem = guest_memory();
     let blob = input.blob();
     write(
@@ -511,6 +510,18 @@ pub fn mmio(data: &[u8]) {
     let console = Arc::new(Mutex::new(
         VirtioConsole::new(Box::new(io::sink()), None).expect("virtio-console device"),
     ));
+    (mem, console)
+}
+
+/// The virtio-mmio register file: reads and writes of any size at any offset of the
+/// transport's page (a console behind it), then the console's queues as the driver set
+/// them up, if it activated the device.
+///
+/// Input: `data` as for the other virtio targets (u16-prefixed, at DATA_START), then accesses
+/// of `op u8` (bit 0 write, bits 1-2 size 1/2/4/8), `offset u16` (within 0x200), `value u64`.
+pub fn mmio(data: &[u8]) {
+    let mut input = Input::new(data);
+    let (mem, console) = console_guest(&mut input);
     let mut transport = MmioTransport::new(mem, console.clone(), interrupt());
     for _ in 0..MAX_MMIO_OPS {
         if input.is_empty() {
@@ -527,6 +538,92 @@ pub fn mmio(data: &[u8]) {
             transport.read(offset, &mut buf[..len]);
         }
     }
+    let mut console = console.lock().unwrap();
+    console.process_tx();
+    console.process_rx();
+}
+
+/// MSI-X routes that go nowhere: the fuzz target has no KVM.
+struct NoRoutes;
+
+impl MsiRouting for NoRoutes {
+    fn set_route(&self, _: u32, _: MsiMessage) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Queue notifications that register nowhere.
+struct NoNotify;
+
+impl NotifyRegistry for NoNotify {
+    fn register(&self, _: &EventFd, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn unregister(&self, _: &EventFd, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The virtio-pci transport of a console: guest memory from a blob, then configuration
+/// space and BAR 0 accesses (common config, ISR, device config, notifications, the MSI-X
+/// table and PBA) of any size at any offset, then the queues as set up.
+///
+/// Input: the data blob (u16-prefixed, written at DATA_START), then per access op u8 (bit 0
+/// write, bits 1-2 log2 size, bit 3 configuration space rather than BAR 0), offset u16,
+/// value u64.
+pub fn pci(data: &[u8]) {
+    let mut input = Input::new(data);
+    let (mem, console) = console_guest(&mut input);
+    let queues = console.lock().unwrap().queue_max_sizes().len();
+    let vectors = (0..pci_transport::msix_vectors_for(queues))
+        .map(|i| MsixVector {
+            gsi: 24 + i as u32,
+            irqfd: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        })
+        .collect();
+    let table = Arc::new(MsixTable::new(vectors, Arc::new(NoRoutes)));
+    let interrupt = Arc::new(VirtioInterrupt::with_msix(
+        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        crate::devices::metrics::DeviceMetrics::unnamed(),
+        MsixVectors::new(table, queues),
+    ));
+    let mut t = PciTransport::new(
+        mem,
+        console.clone(),
+        interrupt.clone(),
+        0xc000_0000,
+        5,
+        Box::new(NoNotify),
+    )
+    .expect("virtio-pci transport");
+    for _ in 0..MAX_MMIO_OPS {
+        if input.is_empty() {
+            break;
+        }
+        let op = input.u8();
+        let len = 1usize << ((op >> 1) & 3);
+        let offset = input.u16();
+        let value = input.u64().to_le_bytes();
+        let mut buf = [0u8; 8];
+        match (op & 8 != 0, op & 1 != 0) {
+            (true, true) => t.config_write(usize::from(offset) % 256, &value[..len]),
+            (true, false) => t.config_read(usize::from(offset) % 256, &mut buf[..len]),
+            (false, true) => t.bar_write(
+                0,
+                u64::from(offset) % pci_transport::BAR_SIZE,
+                &value[..len],
+            ),
+            (false, false) => t.bar_read(
+                0,
+                u64::from(offset) % pci_transport::BAR_SIZE,
+                &mut buf[..len],
+            ),
+        }
+    }
+    // Whatever the driver did, interrupts go somewhere or pend, never panic.
+    interrupt.signal_used_queue(0);
+    interrupt.signal_used_queue(usize::MAX);
+    interrupt.signal_config_change();
     let mut console = console.lock().unwrap();
     console.process_tx();
     console.process_rx();

@@ -9,12 +9,14 @@
 
 use std::collections::BTreeMap;
 
-use kvm_bindings::{kvm_irqchip, kvm_mp_state, kvm_regs, kvm_sregs, KVMIO};
+use kvm_bindings::{
+    kvm_ioeventfd, kvm_irq_routing, kvm_irqchip, kvm_mp_state, kvm_regs, kvm_sregs, KVMIO,
+};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
 use super::ThreadKind;
 
@@ -23,6 +25,8 @@ ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
 ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 
 /// Syscall number -> the rules under which it is allowed (an empty list: always).
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -150,11 +154,16 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
             // which happens on the vCPU that wrote DRIVER_OK. The registers (GET_REGS,
             // GET_SREGS) are sampled on each periodic kick and read when the guest stops,
             // for the crash report.
+            // which happens on the vCPU that wrote DRIVER_OK. KVM_SET_GSI_ROUTING: the
+            // driver programming an MSI-X vector; KVM_IOEVENTFD: the driver moving a
+            // virtio-pci BAR (its queue notifications move with it).
             ioctls.extend([
                 KVM_RUN(),
                 KVM_GET_REGS(),
                 KVM_GET_SREGS(),
                 KVM_GET_MP_STATE(),
+                KVM_SET_GSI_ROUTING(),
+                KVM_IOEVENTFD(),
                 libc::TUNSETOFFLOAD,
             ]);
         }

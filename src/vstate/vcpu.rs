@@ -12,9 +12,10 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_run, CpuId, KVM_MP_STATE_HALTED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -31,6 +32,7 @@ use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_common, RegsError};
 use crate::devices::bus::Bus;
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vcpu_state::{self, VcpuState, VcpuStateError};
 
 /// RFLAGS.IF: interrupts enabled.
 const RFLAGS_IF: u64 = 1 << 9;
@@ -60,6 +62,8 @@ pub enum GuestExit {
     /// Every vCPU is halted with interrupts off: what Linux does for `poweroff` and `halt`
     /// on a machine without ACPI. Nothing can wake it again.
     Halted,
+    /// The guest entered ACPI S5 (soft off) through the sleep control register.
+    PowerOff,
     /// A triple fault the guest did not ask for: the guest kernel crashed.
     TripleFault { vcpu: u8 },
     /// KVM could not emulate something (`KVM_EXIT_INTERNAL_ERROR`).
@@ -73,7 +77,7 @@ pub enum GuestExit {
 impl GuestExit {
     /// Whether this is how a guest ends on purpose.
     pub fn is_clean(&self) -> bool {
-        matches!(self, Self::Reset | Self::Halted)
+        matches!(self, Self::Reset | Self::Halted | Self::PowerOff)
     }
 }
 
@@ -86,6 +90,7 @@ impl std::fmt::Display for GuestExit {
                 "the guest restarted without shutting down: a kernel panic (see its console) or an emergency reboot"
             ),
             Self::Halted => write!(f, "the guest powered off (all vCPUs halted)"),
+            Self::PowerOff => write!(f, "the guest powered off (ACPI S5)"),
             Self::TripleFault { vcpu } => write!(
                 f,
                 "guest triple fault on vCPU {vcpu}: the guest kernel crashed (KVM_EXIT_SHUTDOWN)"
@@ -139,6 +144,21 @@ pub struct VcpuRecord {
     pub error: Option<String>,
 }
 
+/// What a parked vCPU thread is asked to do for the event loop.
+pub enum VcpuRequest {
+    /// Take the vCPU's state (snapshot, migration).
+    SaveState(Sender<Result<VcpuState, VcpuStateError>>),
+}
+
+/// Pausing: the event loop asks, every vCPU thread leaves KVM_RUN and parks until resumed,
+/// answering requests meanwhile (only a parked thread may touch its vCPU's state: KVM takes
+/// the vCPU's mutex for every vCPU ioctl).
+struct Pause {
+    requested: bool,
+    parked: Vec<bool>,
+    requests: Vec<Option<VcpuRequest>>,
+}
+
 /// State shared between the vCPU threads and the VMM's event loop.
 pub struct VmRunState {
     stop: AtomicBool,
@@ -149,16 +169,28 @@ pub struct VmRunState {
     dead_halt: Vec<AtomicBool>,
     /// Per vCPU: registers for the crash report.
     records: Vec<Mutex<VcpuRecord>>,
+    /// Read on every exit, so a pause costs the run loop one load.
+    pause_requested: AtomicBool,
+    pause: Mutex<Pause>,
+    pause_cv: Condvar,
 }
 
 impl VmRunState {
     pub fn new(num_vcpus: u8) -> std::io::Result<Self> {
+        let n = usize::from(num_vcpus);
         Ok(Self {
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             dead_halt: (0..num_vcpus).map(|_| AtomicBool::new(false)).collect(),
             records: (0..num_vcpus).map(|_| Mutex::default()).collect(),
+            pause_requested: AtomicBool::new(false),
+            pause: Mutex::new(Pause {
+                requested: false,
+                parked: vec![false; n],
+                requests: (0..n).map(|_| None).collect(),
+            }),
+            pause_cv: Condvar::new(),
         })
     }
 
@@ -173,6 +205,75 @@ impl VmRunState {
         (0..self.records.len())
             .map(|i| self.record(i as u8).clone())
             .collect()
+    }
+
+    fn pause_lock(&self) -> MutexGuard<'_, Pause> {
+        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every vCPU to park; `wait_parked` waits for them (after kicking them).
+    pub fn request_pause(&self) {
+        self.pause_lock().requested = true;
+        self.pause_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every vCPU thread parked, at most `timeout`; false on timeout.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.pause_lock();
+        while !p.parked.iter().all(|&x| x) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stopping() {
+                return false;
+            }
+            p = self
+                .pause_cv
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Lets the parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut p = self.pause_lock();
+        p.requested = false;
+        self.pause_requested.store(false, Ordering::SeqCst);
+        drop(p);
+        self.pause_cv.notify_all();
+    }
+
+    /// Whether a pause is requested (or in effect).
+    pub fn paused(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Hands `req` to parked vCPU `id`.
+    pub fn request(&self, id: u8, req: VcpuRequest) {
+        self.pause_lock().requests[usize::from(id)] = Some(req);
+        self.pause_cv.notify_all();
+    }
+
+    /// Parks the calling vCPU thread until resumed or stopped, serving requests.
+    fn park(&self, id: u8, mut serve: impl FnMut(VcpuRequest)) {
+        let i = usize::from(id);
+        let mut p = self.pause_lock();
+        p.parked[i] = true;
+        self.pause_cv.notify_all();
+        loop {
+            if let Some(req) = p.requests[i].take() {
+                drop(p);
+                serve(req);
+                p = self.pause_lock();
+                continue;
+            }
+            if !p.requested || self.stopping() {
+                break;
+            }
+            p = self.pause_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        p.parked[i] = false;
     }
 
     /// Records why the guest stopped; only the first report counts.
@@ -191,9 +292,11 @@ impl VmRunState {
         self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Asks every vCPU loop to return at its next check.
+    /// Asks every vCPU loop to return at its next check (parked ones too).
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        let _p = self.pause_lock();
+        self.pause_cv.notify_all();
     }
 
     fn stopping(&self) -> bool {
@@ -337,6 +440,8 @@ pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
     coalesced: Option<Arc<CoalescedRing>>,
+    /// The MSRs its state includes (KVM_GET_MSR_INDEX_LIST).
+    msr_indices: Arc<Vec<u32>>,
 }
 
 /// A running vCPU thread.
@@ -367,6 +472,25 @@ impl Vcpu {
             id,
             fd,
             coalesced: None,
+            msr_indices: Arc::new(Vec::new()),
+        }
+    }
+
+    /// The MSRs to save with its state.
+    pub fn set_msr_indices(&mut self, msrs: Arc<Vec<u32>>) {
+        self.msr_indices = msrs;
+    }
+
+    /// Puts a saved state into this (never run) vCPU, instead of `configure`.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuStateError> {
+        vcpu_state::restore(&self.fd, state)
+    }
+
+    fn serve(&self, req: VcpuRequest) {
+        match req {
+            VcpuRequest::SaveState(reply) => {
+                let _ = reply.send(vcpu_state::save(&self.fd, self.id, &self.msr_indices));
+            }
         }
     }
 
@@ -448,6 +572,10 @@ impl Vcpu {
                     drain_coalesced(id, self.coalesced.as_deref(), pio, mmio);
                     if state.stopping() {
                         return None;
+                    }
+                    if state.paused() {
+                        state.park(id, |req| self.serve(req));
+                        continue;
                     }
                     // A periodic kick from the VMM: tell it whether this vCPU is gone for good,
                     // and keep where it is for a crash report.

@@ -1,18 +1,23 @@
 //! The KVM VM: opening /dev/kvm, checking what the host offers, the in-kernel interrupt
 //! controllers and PIT, guest memory slots, and irqfds.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_API_VERSION,
-    KVM_IRQCHIP_IOAPIC, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_entry, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId,
+    KvmIrqRouting, KVM_API_VERSION, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+use crate::arch::x86_64::layout::{IOAPIC_NUM_PINS, KVM_TSS_ADDRESS};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// The KVM device node, unless `FERROVM_KVM_DEVICE` names another (tests use it to check the
@@ -22,8 +27,8 @@ pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 /// Bit 16 of an IOAPIC redirection entry: the pin is masked.
 const IOAPIC_REDIR_MASKED: u64 = 1 << 16;
 
-/// Capabilities the VMM cannot run without.
-const REQUIRED_CAPS: &[(Cap, &str)] = &[
+/// Capabilities the VMM cannot run without (`ferrovm check` lists them too).
+pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
@@ -33,7 +38,14 @@ const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::PitState2, "KVM_CAP_PIT_STATE2"),
     (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
     (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
 ];
+
+/// GSIs from here up are MSI routes (one per MSI-X vector); below are the IOAPIC's pins,
+/// the first 16 of which the PIC shares.
+pub const FIRST_MSI_GSI: u32 = IOAPIC_NUM_PINS;
+/// Pins of the two cascaded 8259s.
+const PIC_PINS: u32 = 16;
 
 /// Errors creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +84,21 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("Failed to set KVM's interrupt routing ({routes} routes)")]
+    GsiRouting {
+        routes: usize,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("No GSI left for an MSI vector (KVM takes at most {max} routes)")]
+    OutOfGsis { max: u32 },
+    #[error("Failed to {action} an ioeventfd at {addr:#x}")]
+    IoEvent {
+        action: &'static str,
+        addr: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("Failed to let KVM coalesce writes to port {port:#x}")]
     Coalesced {
         port: u16,
@@ -83,17 +110,15 @@ pub enum VmError {
 /// A KVM VM with its in-kernel IOAPIC, PIC and PIT.
 pub struct KvmVm {
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
+    router: Arc<GsiRouter>,
 }
 
 impl KvmVm {
     /// Opens the KVM device (`FERROVM_KVM_DEVICE` or /dev/kvm) and creates a VM with an
     /// in-kernel irqchip and PIT.
     pub fn new(max_vcpus: u8) -> Result<Self, VmError> {
-        let path = std::env::var_os("FERROVM_KVM_DEVICE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE));
-        let kvm = open_kvm(&path)?;
+        let kvm = open_kvm(&kvm_device_path())?;
         for (cap, name) in REQUIRED_CAPS {
             if !kvm.check_extension(*cap) {
                 return Err(VmError::MissingCap(name));
@@ -122,7 +147,12 @@ impl KvmVm {
         };
         fd.create_pit2(pit)
             .map_err(|e| VmError::Kvm("create the in-kernel PIT", e))?;
-        Ok(Self { kvm, fd })
+        let fd = Arc::new(fd);
+        Ok(Self {
+            kvm,
+            router: Arc::new(GsiRouter::new(fd.clone())),
+            fd,
+        })
     }
 
     /// Gives KVM every region of guest memory, one slot each.
@@ -206,9 +236,221 @@ impl KvmVm {
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }
+
+    /// The MSRs a vCPU's saved state includes: every one KVM lists as saveable.
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .map_err(|e| VmError::Kvm("read KVM's MSR list", e))
+    }
+
+    /// The in-kernel devices' state: PIT, kvmclock, both PICs and the IOAPIC. Taken with
+    /// every vCPU stopped.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| VmError::Kvm("read an interrupt controller", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::Kvm("read the PIT", e))?,
+            clock: self
+                .fd
+                .get_clock()
+                .map_err(|e| VmError::Kvm("read kvmclock", e))?,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Puts `state` back, before any vCPU runs. The clock goes back to the value it had when
+    /// the state was taken, so the guest's monotonic time does not jump over the time the
+    /// VM spent as a snapshot.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(|e| VmError::Kvm("restore the PIT", e))?;
+        let mut clock = state.clock;
+        // Only the clock value: the flags KVM reported (TSC_STABLE, REALTIME) are not
+        // accepted back.
+        clock.flags = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| VmError::Kvm("restore kvmclock", e))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmError::Kvm("restore an interrupt controller", e))?;
+        }
+        Ok(())
+    }
+
+    /// Hands KVM the routing table again (after a restore, with the MSI routes the
+    /// restored MSI-X tables programmed).
+    pub fn router_reapply(&self) -> Result<(), VmError> {
+        self.router.apply()
+    }
+
+    /// The interrupt routing table, shared with the MSI-X tables that program it.
+    pub fn router(&self) -> &Arc<GsiRouter> {
+        &self.router
+    }
+
+    /// A handle that can (re)register ioeventfds from any thread, for devices whose BARs
+    /// the guest may move.
+    pub fn ioevents(&self) -> IoEvents {
+        IoEvents(self.fd.clone())
+    }
 }
 
-fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+/// The in-kernel devices' saved state.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+}
+
+/// KVM's GSI routing table (`KVM_SET_GSI_ROUTING` replaces it whole): the IOAPIC and PIC
+/// pins as KVM's default table has them, which the legacy and emulated devices' irqfds
+/// use, plus one MSI route per programmed MSI-X vector.
+pub struct GsiRouter {
+    vm: Arc<VmFd>,
+    msi: Mutex<BTreeMap<u32, (u64, u32)>>,
+    next_gsi: AtomicU32,
+}
+
+impl GsiRouter {
+    fn new(vm: Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            msi: Mutex::new(BTreeMap::new()),
+            next_gsi: AtomicU32::new(FIRST_MSI_GSI),
+        }
+    }
+
+    /// A GSI of its own for an MSI vector.
+    pub fn allocate_msi_gsi(&self) -> Result<u32, VmError> {
+        let max = kvm_bindings::KVM_MAX_IRQ_ROUTES as u32;
+        let gsi = self.next_gsi.fetch_add(1, Ordering::SeqCst);
+        if gsi >= max {
+            return Err(VmError::OutOfGsis { max });
+        }
+        Ok(gsi)
+    }
+
+    /// Routes `gsi` to the MSI message `address`/`data` and hands KVM the whole table.
+    pub fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmError> {
+        let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        msi.insert(gsi, (address, data));
+        self.set(&msi)
+    }
+
+    fn set(&self, msi: &BTreeMap<u32, (u64, u32)>) -> Result<(), VmError> {
+        let table = routing_table(msi);
+        let routes = table.as_slice().len();
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|source| VmError::GsiRouting { routes, source })
+    }
+
+    fn apply(&self) -> Result<(), VmError> {
+        let msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        self.set(&msi)
+    }
+}
+
+/// The full routing table: KVM's defaults (`kvm_setup_default_irq_routing`: GSI i is IOAPIC
+/// pin i, and for i < 16 also pin i % 8 of the master or slave PIC) and the MSI routes.
+fn routing_table(msi: &BTreeMap<u32, (u64, u32)>) -> KvmIrqRouting {
+    let mut entries = Vec::new();
+    let irqchip = |gsi: u32, chip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = chip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    for gsi in 0..IOAPIC_NUM_PINS {
+        if gsi < PIC_PINS {
+            let chip = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            entries.push(irqchip(gsi, chip, gsi % 8));
+        }
+        entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+    }
+    for (&gsi, &(address, data)) in msi {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = address as u32;
+        e.u.msi.address_hi = (address >> 32) as u32;
+        e.u.msi.data = data;
+        entries.push(e);
+    }
+    let mut table = KvmIrqRouting::new(entries.len()).expect("fewer than KVM_MAX_IRQ_ROUTES");
+    table.as_mut_slice().copy_from_slice(&entries);
+    table
+}
+
+/// Registers ioeventfds from any thread (a moved BAR moves its notification addresses).
+#[derive(Clone)]
+pub struct IoEvents(Arc<VmFd>);
+
+impl IoEvents {
+    /// Makes any write to the MMIO address `addr` signal `evt` without leaving the kernel
+    /// (a zero-length ioeventfd: KVM's fast MMIO path, any access size, no data match).
+    pub fn register_mmio(&self, evt: &EventFd, addr: u64) -> Result<(), VmError> {
+        self.0
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|source| VmError::IoEvent {
+                action: "register",
+                addr,
+                source,
+            })
+    }
+
+    /// Undoes `register_mmio`.
+    pub fn unregister_mmio(&self, evt: &EventFd, addr: u64) -> Result<(), VmError> {
+        self.0
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|source| VmError::IoEvent {
+                action: "unregister",
+                addr,
+                source,
+            })
+    }
+}
+
+/// The KVM device node: `FERROVM_KVM_DEVICE`, else /dev/kvm.
+pub fn kvm_device_path() -> PathBuf {
+    std::env::var_os("FERROVM_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE))
+}
+
+/// Opens the KVM device at `path` and checks its API version.
+pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let cpath =
         CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| VmError::KvmMissing {
             path: path.to_path_buf(),
@@ -235,6 +477,42 @@ fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routing_table_keeps_the_default_pins_and_adds_msi_routes() {
+        let mut msi = BTreeMap::new();
+        msi.insert(24, (0xfee0_0000u64, 0x4021u32));
+        msi.insert(30, (0x1_fee0_1000, 0x22));
+        let t = routing_table(&msi);
+        let e = t.as_slice();
+        assert_eq!(e.len(), 16 + 24 + 2);
+        // GSI 4 (COM1) reaches both the master PIC pin 4 and IOAPIC pin 4.
+        let gsi4: Vec<_> = e.iter().filter(|r| r.gsi == 4).collect();
+        assert_eq!(gsi4.len(), 2);
+        // SAFETY: irqchip entries are read through their irqchip member.
+        let chips: Vec<(u32, u32)> = gsi4
+            .iter()
+            .map(|r| unsafe { (r.u.irqchip.irqchip, r.u.irqchip.pin) })
+            .collect();
+        assert!(chips.contains(&(KVM_IRQCHIP_PIC_MASTER, 4)));
+        assert!(chips.contains(&(KVM_IRQCHIP_IOAPIC, 4)));
+        // SAFETY: as above, for the slave PIC.
+        let gsi14 = e
+            .iter()
+            .find(|r| r.gsi == 14 && unsafe { r.u.irqchip.irqchip } == KVM_IRQCHIP_PIC_SLAVE)
+            .unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { gsi14.u.irqchip.pin }, 6);
+        assert!(e
+            .iter()
+            .filter(|r| r.gsi >= 16 && r.gsi < 24)
+            .all(|r| r.type_ == KVM_IRQ_ROUTING_IRQCHIP));
+        let m = e.iter().find(|r| r.gsi == 30).unwrap();
+        assert_eq!(m.type_, KVM_IRQ_ROUTING_MSI);
+        // SAFETY: MSI entries are read through their msi member.
+        let (lo, hi, data) = unsafe { (m.u.msi.address_lo, m.u.msi.address_hi, m.u.msi.data) };
+        assert_eq!((lo, hi, data), (0xfee0_1000, 1, 0x22));
+    }
 
     #[test]
     fn missing_device_names_path_and_remedy() {

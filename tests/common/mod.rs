@@ -140,6 +140,54 @@ pub fn artifacts() -> &'static Artifacts {
     })
 }
 
+thread_local! {
+    /// Whether `Vm::guest` on this thread boots the stock Debian kernel (see `on_stock_kernel`).
+    static STOCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While the returned guard lives, `Vm::guest` on this thread boots the stock Debian
+/// kernel of `scripts/stock-kernel` (modular, with its modules in the initramfs) instead of
+/// the project's: the same test bodies then check that the kernels people have work.
+pub fn on_stock_kernel() -> StockGuard {
+    STOCK.with(|s| s.set(true));
+    StockGuard
+}
+
+pub struct StockGuard;
+
+impl Drop for StockGuard {
+    fn drop(&mut self) {
+        STOCK.with(|s| s.set(false));
+    }
+}
+
+/// The stock kernel and its initramfs: from `FERROVM_STOCK_VMLINUZ` and
+/// `FERROVM_STOCK_INITRAMFS` (scripts/test sets them), else `scripts/stock-kernel`.
+pub fn stock_artifacts() -> &'static (PathBuf, PathBuf) {
+    static STOCK_PATHS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    STOCK_PATHS.get_or_init(|| {
+        let env = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        if let (Some(k), Some(i)) = (env("FERROVM_STOCK_VMLINUZ"), env("FERROVM_STOCK_INITRAMFS")) {
+            return (k, i);
+        }
+        let out = Command::new(repo_root().join("scripts/stock-kernel"))
+            .arg("--print-paths")
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/stock-kernel --print-paths");
+        assert!(out.status.success(), "scripts/stock-kernel failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let get = |key: &str| {
+            PathBuf::from(
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                    .unwrap_or_else(|| panic!("stock-kernel printed no {key}=:\n{text}")),
+            )
+        };
+        (get("stock_kernel"), get("stock_initramfs"))
+    })
+}
+
 /// The kernel command line the tests boot with (before any ` -- `). `quiet` keeps the
 /// kernel's informational boot log off the console (errors, warnings and panics still
 /// print): in the nested sandbox every byte through the 16550A costs about a millisecond of
@@ -245,14 +293,17 @@ impl Vm {
         }
     }
 
-    /// `ferrovm run` with the default guest (ELF vmlinux + initramfs).
+    /// `ferrovm run` with the default guest (ELF vmlinux + initramfs), or the stock Debian
+    /// kernel and its initramfs under `on_stock_kernel`.
     pub fn guest() -> Self {
-        let a = artifacts();
+        let (kernel, initrd) = if STOCK.with(|s| s.get()) {
+            stock_artifacts().clone()
+        } else {
+            let a = artifacts();
+            (a.vmlinux.clone(), a.initramfs.clone())
+        };
         let mut vm = Self::new();
-        vm.arg("--kernel")
-            .arg(&a.vmlinux)
-            .arg("--initrd")
-            .arg(&a.initramfs);
+        vm.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd);
         vm.expects_userspace = true;
         vm
     }
@@ -283,6 +334,16 @@ impl Vm {
     pub fn timeout(&mut self, t: Duration) -> &mut Self {
         self.timeout = t;
         self
+    }
+
+    /// Makes ferrovm's hardware virtualization check see a host without it, whatever this
+    /// one has: CPU flags without vmx/svm and the software KVM module (`FERROVM_TEST_CPUINFO`,
+    /// `FERROVM_TEST_SYS_MODULE`).
+    pub fn as_if_kvm_were_emulated(&mut self) -> &mut Self {
+        let (cpuinfo, modules) =
+            fake_host("fpu vme de pse tsc msr hypervisor", &["kvm", "kvm_pvm"]);
+        self.env("FERROVM_TEST_CPUINFO", cpuinfo)
+            .env("FERROVM_TEST_SYS_MODULE", modules)
     }
 
     /// Runs to completion and collects its output; a run past the timeout is killed and
@@ -351,6 +412,25 @@ pub fn temp_path(tag: &str) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     std::env::temp_dir().join(format!("ferrovm-test-{}-{n}-{tag}", std::process::id()))
+}
+
+/// A /proc/cpuinfo with `flags` and a /sys/module with directories `modules`, in a fresh
+/// directory under the temp dir (left there: a few bytes): for `FERROVM_TEST_CPUINFO` and
+/// `FERROVM_TEST_SYS_MODULE`.
+pub fn fake_host(flags: &str, modules: &[&str]) -> (PathBuf, PathBuf) {
+    let dir = temp_path("fake-host");
+    let sys_module = dir.join("module");
+    std::fs::create_dir_all(&sys_module).unwrap();
+    for m in modules {
+        std::fs::create_dir_all(sys_module.join(m)).unwrap();
+    }
+    let cpuinfo = dir.join("cpuinfo");
+    std::fs::write(
+        &cpuinfo,
+        format!("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\n"),
+    )
+    .unwrap();
+    (cpuinfo, sys_module)
 }
 
 /// A minimal x86_64 `vmlinux`-shaped ELF whose entry (at 1 MiB, entered in 64-bit mode

@@ -215,10 +215,13 @@ fn initrd_addr(ram_end: u64, addr_max: u64, size: u64, kernel_end: u64) -> Optio
 
 /// Loads what `plan` describes into guest memory and writes the command line and the boot
 /// parameters; returns where the boot vCPU starts.
+/// `rsdp` is the address of the ACPI tables' root, handed to the kernel when the VM has
+/// them.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     plan: &BootPlan,
     cmdline: &Cmdline,
+    rsdp: Option<u64>,
 ) -> Result<KernelEntry, BootError> {
     let entry = load_image(mem, &plan.kernel)?;
     let initrd = match &plan.initrd {
@@ -244,10 +247,15 @@ pub fn load_kernel(
 
     let e820 = e820_map(mem);
     match entry.protocol {
-        BootProtocol::Pvh => write_pvh_start_info(mem, &e820, initrd),
-        BootProtocol::Linux64 => {
-            write_zero_page(mem, plan.kernel.header, &e820, initrd, cmdline_len as u32)
-        }
+        BootProtocol::Pvh => write_pvh_start_info(mem, &e820, initrd, rsdp),
+        BootProtocol::Linux64 => write_zero_page(
+            mem,
+            plan.kernel.header,
+            &e820,
+            initrd,
+            cmdline_len as u32,
+            rsdp,
+        ),
     }?;
     Ok(entry)
 }
@@ -481,8 +489,8 @@ fn check_bzimage(path: &Path, head: &[u8], file_len: u64) -> Result<setup_header
     Ok(hdr)
 }
 
-/// The guest's physical memory map: low RAM, the reserved EBDA and BIOS areas (where the MP
-/// table lives), RAM from 1 MiB, and RAM above 4 GiB when there is any.
+/// The guest's physical memory map: low RAM, the reserved EBDA and BIOS areas (where the
+/// ACPI tables and the MP table live), RAM from 1 MiB, and RAM above 4 GiB when there is any.
 pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<E820Entry> {
     use vm_memory::GuestMemoryRegion;
     let mut map = vec![
@@ -497,8 +505,8 @@ pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<E820Entry> {
             kind: E820_RESERVED,
         },
         E820Entry {
-            addr: MPTABLE_START,
-            size: BIOS_END - MPTABLE_START,
+            addr: ACPI_START,
+            size: BIOS_END - ACPI_START,
             kind: E820_RESERVED,
         },
     ];
@@ -522,8 +530,13 @@ fn write_zero_page(
     e820: &[E820Entry],
     initrd: Option<(GuestAddress, u64)>,
     cmdline_len: u32,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params {
+        // Boot protocol 2.14: where the ACPI RSDP is, so the kernel need not scan for it.
+        acpi_rsdp_addr: rsdp.unwrap_or(0),
+        ..Default::default()
+    };
     if let Some(h) = header {
         params.hdr = h;
     } else {
@@ -557,6 +570,7 @@ fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     e820: &[E820Entry],
     initrd: Option<(GuestAddress, u64)>,
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     let info_size = std::mem::size_of::<hvm_start_info>() as u64;
     let memmap_addr = PVH_INFO_START + info_size;
@@ -570,6 +584,7 @@ fn write_pvh_start_info(
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: memmap_addr,
         memmap_entries: e820.len() as u32,
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     let memmap: Vec<hvm_memmap_table_entry> = e820
@@ -717,7 +732,7 @@ mod tests {
         use vm_memory::GuestMemoryRegion;
         let size = mem.iter().map(|r| r.len()).sum();
         let plan = plan_boot(kernel, initrd, size)?;
-        load_kernel(mem, &plan, &cmdline())
+        load_kernel(mem, &plan, &cmdline(), Some(ACPI_START))
     }
 
     #[test]
@@ -751,6 +766,11 @@ mod tests {
         assert_eq!({ hdr.cmdline_size }, "console=ttyS0".len() as u32);
         assert_eq!({ hdr.ramdisk_size }, 0);
         assert_eq!(params.e820_entries, 4);
+        assert_eq!(
+            { params.acpi_rsdp_addr },
+            ACPI_START,
+            "RSDP in the zero page"
+        );
         let mut cl = [0u8; 14];
         mem.read_slice(&mut cl, GuestAddress(CMDLINE_START))
             .unwrap();
@@ -771,6 +791,7 @@ mod tests {
         assert_eq!(info.version, 1);
         assert_eq!(info.cmdline_paddr, CMDLINE_START);
         assert_eq!(info.memmap_entries, 4);
+        assert_eq!(info.rsdp_paddr, ACPI_START, "RSDP in the start info");
         assert_eq!(info.nr_modules, 1);
         let first: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr)).unwrap();
         assert_eq!(
@@ -922,7 +943,7 @@ mod tests {
             }
         );
         assert!(map.iter().any(|e| e.kind == E820_RESERVED
-            && e.addr <= MPTABLE_START
+            && e.addr <= ACPI_START
             && e.addr + e.size >= BIOS_END));
         assert_eq!(
             map.last().unwrap(),

@@ -5,12 +5,18 @@
 //!
 //! ```text
 //! 0x0000_0500  GDT                      0x0009_fc00  EBDA (reserved in e820)
-//! 0x0000_0520  IDT (empty)              0x000f_0000  MP table (BIOS area, reserved)
-//! 0x0000_6000  PVH start info + memmap  0x0010_0000  kernel (HIMEM_START)
-//! 0x0000_7000  zero page (boot_params)  ...          initrd at the top of low RAM
-//! 0x0000_8ff0  boot stack top           0xc000_0000  MMIO gap: virtio-mmio slots, IOAPIC, LAPIC
-//! 0x0000_9000  PML4, PDPT, PD           0x1_0000_0000 RAM above 4 GiB when memory > 3 GiB
-//! 0x0002_0000  kernel command line
+//! 0x0000_0520  IDT (empty)              0x000e_0000  ACPI: RSDP, XSDT, FADT, MADT, DSDT (reserved)
+//! 0x0000_6000  PVH start info + memmap  0x000f_0000  MP table (BIOS area, reserved)
+//! 0x0000_7000  zero page (boot_params)  0x0010_0000  kernel (HIMEM_START)
+//! 0x0000_8ff0  boot stack top           ...          initrd at the top of low RAM
+//! 0x0000_9000  PML4, PDPT, PD           0xc000_0000  MMIO gap: PCI BARs, virtio-mmio slots,
+//! 0x0002_0000  kernel command line                   IOAPIC, LAPIC
+//!                                       0x1_0000_0000 RAM above 4 GiB when memory > 3 GiB
+//! ```
+//!
+//! ```text
+//! I/O ports: 0x60/0x64 i8042, 0x170/0x1f0 IDE, 0x2f8/0x3f8 UARTs, 0x600 ACPI PM1 and
+//! reset registers, 0xcf8 PCI configuration, 0xc000-0xffff PCI I/O BARs
 //! ```
 
 /// Start of the GDT the vCPUs boot with.
@@ -36,6 +42,11 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 
 /// Start of the Extended BIOS Data Area; RAM below it is the usable low memory.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables: the RSDP first, where the kernel scans for it (0xe0000-0xfffff), then
+/// the tables it points to. Reserved in the e820 map together with the BIOS area.
+pub const ACPI_START: u64 = 0xe0000;
+/// Room for the tables (they must end before the MP table).
+pub const ACPI_MAX_SIZE: u64 = MPTABLE_START - ACPI_START;
 /// Start of the BIOS ROM area, one of the three places the kernel scans for an MP table.
 pub const MPTABLE_START: u64 = 0xf0000;
 /// End of the legacy (real-mode) region.
@@ -47,6 +58,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO gap (4 GiB).
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The memory window where PCI memory BARs are placed (each naturally aligned), below the
+/// virtio-mmio slots; the DSDT's host bridge declares it.
+pub const PCI_MMIO_WINDOW_START: u64 = 0xc000_0000;
+pub const PCI_MMIO_WINDOW_LEN: u64 = 0x1000_0000;
 /// First virtio-mmio slot; each device gets `VIRTIO_MMIO_SLOT_SIZE` bytes.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio slot.
@@ -85,6 +100,12 @@ pub const IDE_SECONDARY_CTL_PORT: u16 = 0x376;
 pub const IDE_SECONDARY_IRQ: u32 = 15;
 /// Ports of an IDE command block.
 pub const IDE_PORT_LEN: u16 = 8;
+/// The ACPI fixed hardware the FADT names: the PM1a event block (status +0, enable +2),
+/// the PM1a control block (+4) and the reset register (+6).
+pub const ACPI_PM_PORT: u16 = 0x600;
+pub const ACPI_PM_PORT_LEN: u16 = 8;
+/// The ACPI system control interrupt (the FADT's SCI_INT), the PC's traditional IRQ 9.
+pub const ACPI_SCI_IRQ: u32 = 9;
 /// PCI configuration mechanism #1: CONFIG_ADDRESS at 0xcf8, CONFIG_DATA at 0xcfc.
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 pub const PCI_CONFIG_PORT_LEN: u16 = 8;

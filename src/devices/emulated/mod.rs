@@ -4,7 +4,6 @@
 pub mod ide;
 pub mod ne2k;
 pub mod ne2k_tap;
-pub mod pci;
 
 /// A one-way notification out of a device model: an interrupt line (wired to an irqfd by the
 /// device manager) or a wakeup for the event loop.

@@ -16,9 +16,9 @@ use log::{debug, warn};
 
 use std::sync::Arc;
 
-use super::pci::{PciConfig, PciDevice};
 use super::Signal;
 use crate::devices::metrics::DeviceMetrics;
+use crate::devices::pci::{PciConfig, PciDevice};
 
 // Command register.
 const CR_STP: u8 = 0x01;
@@ -558,7 +558,7 @@ impl PciDevice for Ne2k {
         &mut self.config
     }
 
-    fn io_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
+    fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {
         match offset {
             0..=0x0f => {
                 data.fill(0);
@@ -574,7 +574,7 @@ impl PciDevice for Ne2k {
         }
     }
 
-    fn io_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
+    fn bar_write(&mut self, _bar: usize, offset: u64, data: &[u8]) {
         match offset {
             0..=0x0f => self.write_reg(offset, data[0]),
             DATA_PORT..=0x17 => self.dma_write(data),
@@ -637,16 +637,16 @@ mod tests {
             }
         }
         fn w(&mut self, off: u64, v: u8) {
-            self.nic.io_write(0, off, &[v]);
+            self.nic.bar_write(0, off, &[v]);
         }
         fn r(&mut self, off: u64) -> u8 {
             let mut b = [0u8];
-            self.nic.io_read(0, off, &mut b);
+            self.nic.bar_read(0, off, &mut b);
             b[0]
         }
         fn rw(&mut self) -> u16 {
             let mut b = [0u8; 2];
-            self.nic.io_read(0, DATA_PORT, &mut b);
+            self.nic.bar_read(0, DATA_PORT, &mut b);
             u16::from_le_bytes(b)
         }
 
@@ -745,7 +745,7 @@ mod tests {
         h.w(0x09, 0x40);
         h.w(0, 0x12); // remote write, start
         for pair in f.chunks(2) {
-            h.nic.io_write(0, DATA_PORT, pair);
+            h.nic.bar_write(0, DATA_PORT, pair);
         }
         assert_ne!(h.r(0x07) & ISR_RDC, 0, "remote DMA complete");
         h.w(0x07, ISR_RDC);
@@ -908,7 +908,7 @@ mod tests {
             h.w(0x08, 0x00);
             h.w(0x09, page);
             h.w(0, 0x12);
-            h.nic.io_write(0, DATA_PORT, &[1, 2]);
+            h.nic.bar_write(0, DATA_PORT, &[1, 2]);
         }
         assert!(
             h.nic.mem == before,

@@ -336,7 +336,7 @@ impl ActiveQueue {
             wants_interrupt(&mut queue, &self.mem)
         };
         if notify {
-            self.interrupt.signal_used_queue();
+            self.interrupt.signal_used_queue(0);
         }
     }
 }

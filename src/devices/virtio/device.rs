@@ -3,7 +3,7 @@
 //! event loop, and the descriptor chain reader that refuses chains a guest made loop.
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use log::error;
@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::guest_write::GuestWriter;
 use crate::devices::metrics::DeviceMetrics;
+use crate::devices::pci::msix::MsixTable;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Feature bits every device here offers (virtio 1.x, section 6).
@@ -20,9 +21,12 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_
 /// Used/avail event indices, which let both sides suppress most notifications.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-/// Interrupt status bits (virtio 1.x, 4.2.2 "MMIO Device Register Layout").
+/// Interrupt status bits: virtio-mmio's InterruptStatus (virtio 1.x, 4.2.2) and
+/// virtio-pci's ISR status (4.1.4.5) have the same two.
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x1;
 pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
+/// "No MSI-X vector" for a queue or the configuration change (virtio 1.x, 4.1.5.1.2).
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
 
 /// Errors activating a device.
 #[derive(Debug, thiserror::Error)]
@@ -71,15 +75,47 @@ pub struct Activation {
     pub acked_features: u64,
 }
 
-/// The interrupt line of a virtio-mmio device and its InterruptStatus register, shared by the
-/// transport (which the guest reads and acknowledges) and the device (which raises it from
-/// the event loop without taking the transport's lock).
-/// It also carries the device's counters, which the device picks up when it is activated.
+/// How a virtio device interrupts its driver, whatever the transport: the interrupt line
+/// (virtio-mmio's, or virtio-pci's INTx) with its status register, which the transport
+/// reads and acknowledges, and for virtio-pci the MSI-X vectors the driver assigned. The
+/// device raises it from the event loop or an I/O thread without taking the transport's
+/// lock. It also carries the device's counters, which the device picks up when activated.
 #[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
     irq_evt: EventFd,
     metrics: Arc<DeviceMetrics>,
+    msix: Option<MsixVectors>,
+}
+
+/// The MSI-X side of a virtio-pci device's interrupt: its table, and the vector the driver
+/// gave the configuration change and each queue (virtio 1.x, 4.1.4.3: `config_msix_vector`,
+/// `queue_msix_vector`).
+pub struct MsixVectors {
+    pub table: Arc<MsixTable>,
+    config: AtomicU16,
+    queues: Vec<AtomicU16>,
+}
+
+impl std::fmt::Debug for MsixVectors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MsixVectors")
+            .field("vectors", &self.table.len())
+            .finish()
+    }
+}
+
+impl MsixVectors {
+    /// `table` for a device with `queues` queues, every vector unassigned.
+    pub fn new(table: Arc<MsixTable>, queues: usize) -> Self {
+        Self {
+            table,
+            config: AtomicU16::new(VIRTIO_MSI_NO_VECTOR),
+            queues: (0..queues)
+                .map(|_| AtomicU16::new(VIRTIO_MSI_NO_VECTOR))
+                .collect(),
+        }
+    }
 }
 
 impl VirtioInterrupt {
@@ -92,6 +128,15 @@ impl VirtioInterrupt {
             status: AtomicU32::new(0),
             irq_evt,
             metrics,
+            msix: None,
+        }
+    }
+
+    /// The same with MSI-X vectors (virtio-pci); `irq_evt` is then the INTx fallback.
+    pub fn with_msix(irq_evt: EventFd, metrics: Arc<DeviceMetrics>, msix: MsixVectors) -> Self {
+        Self {
+            msix: Some(msix),
+            ..Self::with_metrics(irq_evt, metrics)
         }
     }
 
@@ -100,23 +145,93 @@ impl VirtioInterrupt {
         &self.metrics
     }
 
-    fn raise(&self, bit: u32) -> io::Result<()> {
-        self.status.fetch_or(bit, Ordering::SeqCst);
-        self.metrics.add_interrupt();
-        self.irq_evt.write(1)
+    /// The MSI-X table, for virtio-pci.
+    pub fn msix_table(&self) -> Option<&Arc<MsixTable>> {
+        self.msix.as_ref().map(|m| &m.table)
     }
 
-    /// Tells the driver there are new entries in a used ring.
-    pub fn signal_used_queue(&self) {
-        if let Err(e) = self.raise(VIRTIO_MMIO_INT_VRING) {
-            error!("virtio: failed to raise the used-ring interrupt: {e}");
+    /// Raises the interrupt for status `bit`: through MSI-X `vector` while the driver has
+    /// MSI-X enabled (no interrupt for NO_VECTOR, 4.1.5.1.2), else on the line.
+    fn raise(&self, bit: u32, vector: Option<&AtomicU16>) {
+        if let Some(msix) = &self.msix {
+            if msix.table.enabled() {
+                let v = vector.map_or(VIRTIO_MSI_NO_VECTOR, |v| v.load(Ordering::SeqCst));
+                if v != VIRTIO_MSI_NO_VECTOR {
+                    self.metrics.add_interrupt();
+                    msix.table.trigger(usize::from(v));
+                }
+                return;
+            }
         }
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        self.metrics.add_interrupt();
+        if let Err(e) = self.irq_evt.write(1) {
+            error!("virtio: failed to raise the interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver there are new entries in used ring `queue`.
+    pub fn signal_used_queue(&self, queue: usize) {
+        let vector = self.msix.as_ref().and_then(|m| m.queues.get(queue));
+        self.raise(VIRTIO_MMIO_INT_VRING, vector);
     }
 
     /// Tells the driver the configuration space (or device status) changed.
     pub fn signal_config_change(&self) {
-        if let Err(e) = self.raise(VIRTIO_MMIO_INT_CONFIG) {
-            error!("virtio: failed to raise the config-change interrupt: {e}");
+        let vector = self.msix.as_ref().map(|m| &m.config);
+        self.raise(VIRTIO_MMIO_INT_CONFIG, vector);
+    }
+
+    /// The MSI-X vector of the configuration change (NO_VECTOR without MSI-X).
+    pub fn config_vector(&self) -> u16 {
+        self.msix
+            .as_ref()
+            .map_or(VIRTIO_MSI_NO_VECTOR, |m| m.config.load(Ordering::SeqCst))
+    }
+
+    /// The MSI-X vector of `queue`.
+    pub fn queue_vector(&self, queue: usize) -> u16 {
+        self.msix
+            .as_ref()
+            .and_then(|m| m.queues.get(queue))
+            .map_or(VIRTIO_MSI_NO_VECTOR, |v| v.load(Ordering::SeqCst))
+    }
+
+    /// Assigns the configuration change's vector; returns what the register reads back:
+    /// the vector, or NO_VECTOR if the table has no such entry (4.1.5.1.2: the device
+    /// answers NO_VECTOR to a vector it cannot use).
+    pub fn set_config_vector(&self, v: u16) -> u16 {
+        match &self.msix {
+            Some(m) => {
+                let v = Self::usable(m, v);
+                m.config.store(v, Ordering::SeqCst);
+                v
+            }
+            None => VIRTIO_MSI_NO_VECTOR,
+        }
+    }
+
+    /// Assigns `queue`'s vector; returns what the register reads back.
+    pub fn set_queue_vector(&self, queue: usize, v: u16) -> u16 {
+        match self
+            .msix
+            .as_ref()
+            .and_then(|m| m.queues.get(queue).map(|q| (m, q)))
+        {
+            Some((m, q)) => {
+                let v = Self::usable(m, v);
+                q.store(v, Ordering::SeqCst);
+                v
+            }
+            None => VIRTIO_MSI_NO_VECTOR,
+        }
+    }
+
+    fn usable(m: &MsixVectors, v: u16) -> u16 {
+        if usize::from(v) < m.table.len() {
+            v
+        } else {
+            VIRTIO_MSI_NO_VECTOR
         }
     }
 
@@ -125,14 +240,25 @@ impl VirtioInterrupt {
         self.status.load(Ordering::SeqCst)
     }
 
+    /// A read of virtio-pci's ISR status: the bits, cleared by the read (4.1.4.5.1).
+    pub fn take_status(&self) -> u32 {
+        self.status.swap(0, Ordering::SeqCst)
+    }
+
     /// A write to InterruptACK clears the given bits.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
-    /// Clears everything (device reset).
+    /// Clears everything (device reset), including the vector assignments.
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
+        if let Some(m) = &self.msix {
+            m.config.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+            for q in &m.queues {
+                q.store(VIRTIO_MSI_NO_VECTOR, Ordering::SeqCst);
+            }
+        }
     }
 }
 
@@ -208,7 +334,7 @@ impl DeviceState {
     /// Signals the driver if the queue's notification suppression allows it.
     pub fn notify_if_needed(&mut self, queue: usize) {
         if wants_interrupt(&mut self.queues[queue], &self.mem) {
-            self.interrupt.signal_used_queue();
+            self.interrupt.signal_used_queue(queue);
         }
     }
 }
@@ -297,7 +423,7 @@ mod tests {
     fn interrupt_status_is_set_and_acked() {
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = VirtioInterrupt::new(evt.try_clone().unwrap());
-        irq.signal_used_queue();
+        irq.signal_used_queue(0);
         irq.signal_config_change();
         assert_eq!(irq.status(), VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
         assert_eq!(evt.read().unwrap(), 2);

@@ -1,14 +1,16 @@
-//! Paravirtual devices: virtio 1.x over the virtio-mmio transport.
+//! Paravirtual devices: virtio 1.x over the virtio-pci or the virtio-mmio transport.
 
 pub mod block;
 pub mod console;
 pub mod device;
 pub mod guest_write;
-pub mod mmio;
+
 pub mod net;
+pub mod transport;
 
 pub use block::VirtioBlock;
 pub use console::VirtioConsole;
 pub use device::{VirtioDevice, VirtioInterrupt};
-pub use mmio::MmioTransport;
 pub use net::VirtioNet;
+pub use transport::mmio::{self, MmioTransport};
+pub use transport::pci::{self as pci_transport, PciTransport};

@@ -489,7 +489,7 @@ impl VirtioNet {
             }
         }
         if completed > 0 && rx_needs_interrupt(&mut state.queues[RX], &state.mem, used_before) {
-            state.interrupt.signal_used_queue();
+            state.interrupt.signal_used_queue(RX);
         }
         self.state = Some(state);
         want_backend

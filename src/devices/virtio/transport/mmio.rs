@@ -6,15 +6,18 @@
 //! into ioeventfd signals handled by the event loop. The transport still forwards a notify
 //! that does arrive, so a device works without ioeventfds too.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
-use log::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use log::warn;
+use virtio_queue::QueueT;
 
-use super::device::{
-    Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+use super::{QueueField, VirtioCommon};
+pub use super::{
+    STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
 };
 use crate::devices::bus::BusDevice;
+use crate::devices::virtio::device::{VirtioDevice, VirtioInterrupt};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Size of one device's register window.
@@ -79,26 +82,24 @@ pub fn register_name(offset: u64) -> &'static str {
     }
 }
 
-// Device status bits (virtio 1.x, 2.1).
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 64;
-pub const STATUS_FAILED: u32 = 128;
+/// The queue field a register offset names.
+fn queue_field(offset: u64) -> Option<QueueField> {
+    Some(match offset {
+        REG_QUEUE_NUM => QueueField::Size,
+        REG_QUEUE_READY => QueueField::Ready,
+        REG_QUEUE_DESC_LOW => QueueField::DescLow,
+        REG_QUEUE_DESC_HIGH => QueueField::DescHigh,
+        REG_QUEUE_DRIVER_LOW => QueueField::DriverLow,
+        REG_QUEUE_DRIVER_HIGH => QueueField::DriverHigh,
+        REG_QUEUE_DEVICE_LOW => QueueField::DeviceLow,
+        REG_QUEUE_DEVICE_HIGH => QueueField::DeviceHigh,
+        _ => return None,
+    })
+}
 
 /// A virtio device behind the MMIO register window.
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    mem: GuestMemoryMmap,
-    interrupt: Arc<VirtioInterrupt>,
-    queues: Vec<Queue>,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    acked_features: u64,
-    queue_sel: u32,
-    status: u32,
-    config_generation: u32,
+    common: VirtioCommon,
 }
 
 impl MmioTransport {
@@ -107,54 +108,29 @@ impl MmioTransport {
         device: Arc<Mutex<dyn VirtioDevice>>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Self {
-        let queues = new_queues(&*lock(&device));
         Self {
-            device,
-            mem,
-            interrupt,
-            queues,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            acked_features: 0,
-            queue_sel: 0,
-            status: 0,
-            config_generation: 0,
+            common: VirtioCommon::new("virtio-mmio", mem, device, interrupt),
         }
     }
 
     /// The device status as the driver last set it (plus NEEDS_RESET from the device).
     pub fn status(&self) -> u32 {
-        self.status
-    }
-
-    fn selected_queue(&mut self) -> Option<&mut Queue> {
-        self.queues.get_mut(self.queue_sel as usize)
-    }
-
-    /// Queue registers may only change before the driver declares the device ready.
-    fn queue_config_writable(&self) -> bool {
-        self.status & STATUS_DRIVER_OK == 0
+        self.common.status()
     }
 
     fn read_reg(&mut self, offset: u64) -> u32 {
+        let c = &self.common;
         match offset {
             REG_MAGIC => MMIO_MAGIC_VALUE,
             REG_VERSION => MMIO_VERSION,
-            REG_DEVICE_ID => lock(&self.device).device_type(),
+            REG_DEVICE_ID => c.device().device_type(),
             REG_VENDOR_ID => VENDOR_ID,
-            REG_DEVICE_FEATURES => {
-                let features = lock(&self.device).avail_features();
-                match self.device_features_sel {
-                    0 => features as u32,
-                    1 => (features >> 32) as u32,
-                    _ => 0,
-                }
-            }
-            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
-            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
-            REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
-            REG_CONFIG_GENERATION => self.config_generation,
+            REG_DEVICE_FEATURES => c.device_features_word(),
+            REG_QUEUE_NUM_MAX => c.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => c.read_queue(QueueField::Ready),
+            REG_INTERRUPT_STATUS => c.interrupt.status(),
+            REG_STATUS => c.status(),
+            REG_CONFIG_GENERATION => c.config_generation,
             _ => {
                 warn!("virtio-mmio: read of unknown or write-only register {offset:#x}");
                 0
@@ -163,201 +139,32 @@ impl MmioTransport {
     }
 
     fn write_reg(&mut self, offset: u64, value: u32) {
+        let c = &mut self.common;
+        if let Some(field) = queue_field(offset) {
+            c.write_queue(field, value);
+            return;
+        }
         match offset {
-            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
-            REG_DRIVER_FEATURES => self.write_driver_features(value),
-            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            REG_QUEUE_SEL => self.queue_sel = value,
-            REG_QUEUE_NUM
-            | REG_QUEUE_READY
-            | REG_QUEUE_DESC_LOW
-            | REG_QUEUE_DESC_HIGH
-            | REG_QUEUE_DRIVER_LOW
-            | REG_QUEUE_DRIVER_HIGH
-            | REG_QUEUE_DEVICE_LOW
-            | REG_QUEUE_DEVICE_HIGH => self.write_queue_reg(offset, value),
-            REG_QUEUE_NOTIFY => self.notify(value),
-            REG_INTERRUPT_ACK => self.interrupt.ack(value),
-            REG_STATUS => self.set_status(value),
+            REG_DEVICE_FEATURES_SEL => c.device_features_sel = value,
+            REG_DRIVER_FEATURES => c.write_driver_features(value),
+            REG_DRIVER_FEATURES_SEL => c.driver_features_sel = value,
+            REG_QUEUE_SEL => c.queue_sel = value,
+            REG_QUEUE_NOTIFY => c.notify(value),
+            REG_INTERRUPT_ACK => c.interrupt.ack(value),
+            REG_STATUS => c.set_status(value),
             _ => warn!(
                 "virtio-mmio: write of {value:#x} to unknown or read-only register {offset:#x}"
             ),
         }
     }
-
-    fn write_driver_features(&mut self, value: u32) {
-        // Features are negotiated between DRIVER and FEATURES_OK only (virtio 1.x, 3.1.1).
-        if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
-            warn!(
-                "virtio-mmio: driver features written in status {:#x}; ignored",
-                self.status
-            );
-            return;
-        }
-        match self.driver_features_sel {
-            0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(value),
-            1 => {
-                self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(value) << 32)
-            }
-            sel => warn!("virtio-mmio: driver features written with selector {sel}; ignored"),
-        }
-    }
-
-    fn write_queue_reg(&mut self, offset: u64, value: u32) {
-        if !self.queue_config_writable() {
-            warn!("virtio-mmio: queue register {offset:#x} written after DRIVER_OK; ignored");
-            return;
-        }
-        let Some(q) = self.selected_queue() else {
-            warn!("virtio-mmio: queue register {offset:#x} written with no such queue selected");
-            return;
-        };
-        match offset {
-            REG_QUEUE_NUM => {
-                // Queue::set_size refuses sizes that are zero, above the max or not a power
-                // of two; the driver then sees the device misbehave and fails cleanly.
-                q.set_size(value as u16);
-                if u32::from(q.size()) != value {
-                    warn!("virtio-mmio: invalid queue size {value} refused");
-                }
-            }
-            REG_QUEUE_READY => q.set_ready(value == 1),
-            REG_QUEUE_DESC_LOW => q.set_desc_table_address(Some(value), None),
-            REG_QUEUE_DESC_HIGH => q.set_desc_table_address(None, Some(value)),
-            REG_QUEUE_DRIVER_LOW => q.set_avail_ring_address(Some(value), None),
-            REG_QUEUE_DRIVER_HIGH => q.set_avail_ring_address(None, Some(value)),
-            REG_QUEUE_DEVICE_LOW => q.set_used_ring_address(Some(value), None),
-            REG_QUEUE_DEVICE_HIGH => q.set_used_ring_address(None, Some(value)),
-            _ => unreachable!("only queue registers are routed here"),
-        }
-    }
-
-    fn notify(&mut self, queue: u32) {
-        let dev = lock(&self.device);
-        match dev.queue_events().get(queue as usize) {
-            Some(evt) => {
-                if let Err(e) = evt.write(1) {
-                    warn!("virtio-mmio: failed to forward a notify for queue {queue}: {e}");
-                }
-            }
-            None => warn!("virtio-mmio: notify for queue {queue}, which does not exist"),
-        }
-    }
-
-    fn set_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        if value & self.status != self.status & !STATUS_NEEDS_RESET {
-            // Only a reset may clear bits (virtio 1.x, 2.1.2).
-            warn!(
-                "virtio-mmio: status {:#x} -> {value:#x} clears bits; ignored",
-                self.status
-            );
-            return;
-        }
-        let mut value = value | (self.status & STATUS_NEEDS_RESET);
-        let new = value & !self.status;
-        if new & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
-            // Leaving FEATURES_OK clear tells the driver the subset was refused (3.1.1).
-            value &= !STATUS_FEATURES_OK;
-        }
-        if new & STATUS_DRIVER_OK != 0 {
-            if value & STATUS_FEATURES_OK == 0 {
-                warn!("virtio-mmio: DRIVER_OK without FEATURES_OK; ignored");
-                return;
-            }
-            if let Err(msg) = self.activate() {
-                warn!(
-                    "virtio-mmio: device {} not activated: {msg}",
-                    lock(&self.device).device_type()
-                );
-                value |= STATUS_NEEDS_RESET;
-                self.status = value;
-                self.interrupt.signal_config_change();
-                return;
-            }
-        }
-        self.status = value;
-    }
-
-    fn features_acceptable(&self) -> bool {
-        let avail = lock(&self.device).avail_features();
-        if self.acked_features & !avail != 0 {
-            warn!(
-                "virtio-mmio: driver accepted features {:#x} the device does not offer",
-                self.acked_features & !avail
-            );
-            return false;
-        }
-        if self.acked_features & VIRTIO_F_VERSION_1 == 0 {
-            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)");
-            return false;
-        }
-        true
-    }
-
-    fn activate(&mut self) -> Result<(), String> {
-        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        for (i, q) in self.queues.iter_mut().enumerate() {
-            if !q.ready() {
-                return Err(format!("queue {i} is not ready"));
-            }
-            if !q.is_valid(&self.mem) {
-                return Err(format!("queue {i} has bad addresses or size"));
-            }
-            q.set_event_idx(event_idx);
-        }
-        // The device gets its own copies; the transport keeps its own so the queue registers
-        // still read back what the driver wrote.
-        let activation = Activation {
-            mem: self.mem.clone(),
-            queues: self
-                .queues
-                .iter()
-                .map(|q| {
-                    Queue::try_from(q.state()).expect("a validated queue restores from its state")
-                })
-                .collect(),
-            interrupt: self.interrupt.clone(),
-            acked_features: self.acked_features,
-        };
-        lock(&self.device)
-            .activate(activation)
-            .map_err(|e| e.to_string())
-    }
-
-    fn reset(&mut self) {
-        debug!("virtio-mmio: device reset");
-        let mut dev = lock(&self.device);
-        dev.reset();
-        self.queues = new_queues(&*dev);
-        drop(dev);
-        self.interrupt.reset();
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.acked_features = 0;
-        self.queue_sel = 0;
-        self.status = 0;
-    }
-}
-
-fn new_queues(dev: &dyn VirtioDevice) -> Vec<Queue> {
-    dev.queue_max_sizes()
-        .iter()
-        .map(|&max| Queue::new(max).expect("device queue sizes are powers of two up to 32768"))
-        .collect()
-}
-
-fn lock(dev: &Arc<Mutex<dyn VirtioDevice>>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
-    dev.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
-            lock(&self.device).read_config(offset - CONFIG_SPACE, data);
+            self.common
+                .device()
+                .read_config(offset - CONFIG_SPACE, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -374,7 +181,9 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG_SPACE {
-            lock(&self.device).write_config(offset - CONFIG_SPACE, data);
+            self.common
+                .device()
+                .write_config(offset - CONFIG_SPACE, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -393,7 +202,9 @@ impl BusDevice for MmioTransport {
 pub(crate) mod tests {
     use super::*;
     use crate::devices::virtio::device::test_utils::guest_memory;
-    use crate::devices::virtio::device::ActivateError;
+    use crate::devices::virtio::device::{
+        ActivateError, Activation, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    };
     use vmm_sys_util::eventfd::EventFd;
 
     /// A device that records what the transport does to it.
@@ -623,7 +434,7 @@ pub(crate) mod tests {
         w(&mut t, REG_QUEUE_READY, 0);
         w(&mut t, REG_QUEUE_NUM, 8);
         assert_eq!(r(&mut t, REG_QUEUE_READY), 1);
-        assert_eq!(t.queues[0].size(), 16);
+        assert_eq!(t.common.queues[0].size(), 16);
     }
 
     #[test]
@@ -648,7 +459,7 @@ pub(crate) mod tests {
     #[test]
     fn interrupt_ack_and_odd_accesses() {
         let (mut t, _d, _irq) = transport(1);
-        t.interrupt.signal_used_queue();
+        t.common.interrupt.signal_used_queue(0);
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 1);
         w(&mut t, REG_INTERRUPT_ACK, 1);
         assert_eq!(r(&mut t, REG_INTERRUPT_STATUS), 0);
@@ -665,8 +476,8 @@ pub(crate) mod tests {
         let (mut t, _d, _irq) = transport(1);
         w(&mut t, REG_QUEUE_SEL, 0);
         w(&mut t, REG_QUEUE_NUM, 7);
-        assert_ne!(t.queues[0].size(), 7);
+        assert_ne!(t.common.queues[0].size(), 7);
         w(&mut t, REG_QUEUE_NUM, 64);
-        assert_ne!(t.queues[0].size(), 64, "above the max of 16");
+        assert_ne!(t.common.queues[0].size(), 64, "above the max of 16");
     }
 }
