@@ -437,6 +437,9 @@ pub struct VmConfig {
     pub metrics: Option<PathBuf>,
     /// Whether each VMM thread runs under its seccomp allow-list (off: `--no-seccomp`).
     pub seccomp: bool,
+    /// The kernel's System.map, for the crash report's symbols (else the ELF kernel's
+    /// `.symtab`, or a System.map found beside the kernel).
+    pub system_map: Option<PathBuf>,
     /// The transport of virtio devices that do not name one (`--virtio-transport`).
     pub virtio_transport: VirtioTransport,
     /// Whether the guest gets ACPI tables (off: `--no-acpi`, MP table only).
@@ -464,6 +467,7 @@ impl VmConfig {
             serial2: None,
             metrics: None,
             seccomp: true,
+            system_map: None,
             virtio_transport: VirtioTransport::Pci,
             acpi: true,
             allow_emulated_kvm: false,

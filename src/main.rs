@@ -8,7 +8,7 @@ use ferrovm::config::{
     ConsoleConfig, DiskConfig, NetConfig, SerialBackend, VirtioTransport, DEFAULT_CMDLINE,
 };
 use ferrovm::leftovers::Leftovers;
-use ferrovm::{terminal, VmConfig, Vmm};
+use ferrovm::{terminal, Outcome, VmConfig, Vmm};
 
 /// `--version`: the crate version and the commit it was built from (build.rs; `-dirty` when
 /// the sources differed from it, `unknown` outside a git checkout).
@@ -33,7 +33,8 @@ enum Command {
     /// Boot a Linux guest and run it until it powers off, reboots or crashes.
     ///
     /// Exit status: 0 when the guest powers off or reboots, 1 when it crashes (triple fault,
-    /// KVM error) or the VM cannot be built, 128+N when stopped by signal N (SIGINT, SIGTERM,
+    /// KVM error, kernel panic: a crash report with the registers and the console's last lines
+    /// follows the reason on stderr) or the VM cannot be built, 128+N when stopped by signal N (SIGINT, SIGTERM,
     /// SIGHUP stop it cleanly), 2 for a bad command line, 159 (128+SIGSYS) when a VMM thread
     /// made a syscall its seccomp filter forbids (the VMM stops at once; see --no-seccomp).
     Run(RunArgs),
@@ -182,6 +183,12 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     metrics: Option<PathBuf>,
 
+    /// The guest kernel's System.map, to show addresses in a crash report as symbol+offset
+    /// (default: the ELF kernel's own symbol table, or a System.map or
+    /// System.map-<release> beside the kernel)
+    #[arg(long, value_name = "PATH")]
+    system_map: Option<PathBuf>,
+
     /// Run without the seccomp filters (each VMM thread is otherwise limited to the syscalls
     /// it needs, and a forbidden one stops the VMM with status 159); for debugging only
     #[arg(long)]
@@ -228,6 +235,7 @@ impl From<RunArgs> for VmConfig {
             serial2: a.serial2,
             metrics: a.metrics,
             seccomp: !a.no_seccomp,
+            system_map: a.system_map,
             virtio_transport: a.virtio_transport,
             acpi: !a.no_acpi,
             allow_emulated_kvm: a.allow_emulated_kvm,
@@ -310,10 +318,17 @@ fn main() -> ExitCode {
     // file, TAP, eventfd and KVM fd it opened closed by now.
     report_leftovers(&at_start);
     match result {
-        Ok(reason) => {
+        Ok(Outcome {
+            reason,
+            crash_report,
+        }) => {
             let code = reason.exit_code();
             if code != 0 {
                 eprintln!("ferrovm: {reason}");
+                // Indented lines under a "crash report:" line, after the one-line reason.
+                if let Some(report) = crash_report {
+                    eprint!("{report}");
+                }
             } else {
                 log::info!("{reason}");
             }

@@ -22,6 +22,8 @@ use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::check::CheckError;
 use crate::config::{ConfigError, DeviceModel, SerialBackend, VmConfig};
+use crate::crash::symbols::SymbolError;
+use crate::crash::{ConsoleTail, CrashReport, SymbolSource};
 use crate::devices::disk::{DiskError, RawFile};
 use crate::devices::emulated::ide::AtaDisk;
 use crate::devices::host_input::stdin_input;
@@ -31,6 +33,7 @@ use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::metrics::MetricsRegistry;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::console::ConsoleError;
+use crate::devices::virtio::guest_write::{guard_mode, GuardMode, WRITE_GUARD_ENV};
 use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
 use crate::devices::virtio::{VirtioBlock, VirtioConsole};
 use crate::devices::{Bus, DeviceEventManager, Persist};
@@ -104,6 +107,8 @@ pub enum VmmError {
     Console(#[from] ConsoleError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
     #[error("Failed to open the serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -167,6 +172,14 @@ impl ExitReason {
             Self::Requested | Self::Migrated => 0,
         }
     }
+}
+
+/// How a run ended: the reason, and when the guest crashed, the crash report to print after
+/// it (see `crash`).
+#[derive(Debug)]
+pub struct Outcome {
+    pub reason: ExitReason,
+    pub crash_report: Option<String>,
 }
 
 impl std::fmt::Display for ExitReason {
@@ -243,6 +256,9 @@ pub struct Vmm {
     started: Instant,
     uptime_before_ms: u64,
     restored_from: Option<PathBuf>,
+    /// The last lines of ttyS0 and hvc0, and the kernel's symbols, for a crash report.
+    console_tails: Vec<(String, Arc<ConsoleTail>)>,
+    symbols: Option<SymbolSource>,
 }
 
 /// Where a VM's state comes from.
@@ -257,11 +273,16 @@ impl Vmm {
     /// Validates `cfg` and builds the whole VM; nothing runs yet.
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
         cfg.validate()?;
+        if guard_mode() != GuardMode::Off {
+            info!("Guest memory write guard on ({WRITE_GUARD_ENV}=1): every device write is checked against the guest's descriptors");
+        }
         // Before any thread exists: the I/O and stdin threads started below sandbox themselves.
         crate::seccomp::init(cfg.seccomp)?;
         // Bad kernel or initrd files are reported before KVM is touched.
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
-        Self::assemble(cfg, Source::Boot(boot_plan))
+        // Opened now, read only if the guest crashes (no thread may open files later).
+        let symbols = SymbolSource::find(&cfg.kernel, cfg.system_map.as_deref())?;
+        Self::assemble(cfg, Source::Boot(boot_plan), symbols)
     }
 
     /// Builds the VM a snapshot directory describes, in the state it was taken in; nothing
@@ -276,16 +297,35 @@ impl Vmm {
         cfg.api_sock = api_sock;
         cfg.validate_machine()?;
         crate::seccomp::init(cfg.seccomp)?;
-        Self::assemble(&cfg, Source::Snapshot(Box::new(snap), dir.to_path_buf()))
+        let symbols = SymbolSource::find(&cfg.kernel, cfg.system_map.as_deref())?;
+        Self::assemble(
+            &cfg,
+            Source::Snapshot(Box::new(snap), dir.to_path_buf()),
+            symbols,
+        )
     }
 
-    fn assemble(cfg: &VmConfig, source: Source) -> Result<Self, VmmError> {
+    fn assemble(
+        cfg: &VmConfig,
+        source: Source,
+        symbols: Option<SymbolSource>,
+    ) -> Result<Self, VmmError> {
         let restoring = matches!(source, Source::Snapshot(..));
         let open = |b: &SerialBackend| open_serial_backend(b, restoring);
+        let mut console_tails = Vec::new();
+        let mut keep_tail = |name: &str, out: Box<dyn Write + Send>| {
+            let tail = ConsoleTail::new();
+            console_tails.push((name.to_owned(), tail.clone()));
+            tail.writer(out)
+        };
         let (serial_out, serial_wants_stdin) = open(&cfg.serial)?;
+        let serial_out = keep_tail("ttyS0", serial_out);
         let serial2 = cfg.serial2.as_ref().map(open).transpose()?;
         let console = match &cfg.console {
-            Some(c) => Some(open(&c.backend)?),
+            Some(c) => {
+                let (out, stdin) = open(&c.backend)?;
+                Some((keep_tail("hvc0", out), stdin))
+            }
             None => None,
         };
         // Stdin has one reader: the virtio console when it is on stdio, else ttyS0, else ttyS1.
@@ -510,6 +550,8 @@ impl Vmm {
             started: Instant::now(),
             uptime_before_ms,
             restored_from,
+            console_tails,
+            symbols,
         })
     }
 
@@ -555,7 +597,7 @@ impl Vmm {
 
     /// Runs the guest until it powers off, reboots or crashes, or a termination signal
     /// arrives; the terminal is restored whatever happens.
-    pub fn run(mut self) -> Result<ExitReason, VmmError> {
+    pub fn run(mut self) -> Result<Outcome, VmmError> {
         register_kick_handler()?;
         for sig in TERMINATION_SIGNALS {
             register_signal_handler(sig, on_termination_signal).map_err(VmmError::Signals)?;
@@ -614,9 +656,42 @@ impl Vmm {
         for h in handles {
             h.join();
         }
+        let crash_report = match &result {
+            Ok(ExitReason::Guest(exit)) if !exit.is_clean() => Some(self.crash_report(exit)),
+            _ => None,
+        };
         // Written after the vCPUs stopped, so the report is final.
         self.write_metrics();
-        result
+        result.map(|reason| Outcome {
+            reason,
+            crash_report,
+        })
+    }
+
+    /// The crash report for `exit` as stderr shows it; its JSON goes into the metrics.
+    fn crash_report(&mut self, exit: &GuestExit) -> String {
+        let (table, symbols) = match self.symbols.as_ref().map(|s| (s, s.load())) {
+            Some((source, Ok(table))) => (Some(table), Ok(source.describe())),
+            Some((_, Err(e))) => (None, Err(e.to_string())),
+            None => (
+                None,
+                Err(
+                    "the kernel has no .symtab and no System.map was found beside it; \
+                     give --system-map"
+                        .to_owned(),
+                ),
+            ),
+        };
+        let report = CrashReport::new(
+            exit,
+            &self.run_state.records(),
+            &self.console_tails,
+            symbols,
+            self.started.elapsed(),
+            Instant::now(),
+        );
+        self.metrics.set_crash(report.to_json(table.as_ref()));
+        report.render(table.as_ref())
     }
 
     fn write_metrics(&self) {

@@ -51,6 +51,7 @@ fn help_documents_every_flag() {
         "--console",
         "--serial2",
         "--metrics",
+        "--system-map",
         "--no-seccomp",
         "--allow-emulated-kvm",
         "model=virtio|ide",
@@ -500,6 +501,32 @@ fn unwritable_metrics_file_is_named() {
         1,
         "Failed to write the metrics file /nonexistent/dir/metrics.json",
     );
+}
+
+#[test]
+fn bad_system_map_is_named() {
+    let a = artifacts();
+    let vmlinux = a.vmlinux.to_str().unwrap();
+    let out = run(&[
+        "--kernel",
+        vmlinux,
+        "--system-map",
+        "/nonexistent/System.map",
+    ]);
+    assert_fails_with(
+        &out,
+        1,
+        "Failed to open the System.map /nonexistent/System.map",
+    );
+    let not_a_map = write_temp("not-a-map", b"this is not nm output\n");
+    let out = run(&[
+        "--kernel",
+        vmlinux,
+        "--system-map",
+        not_a_map.to_str().unwrap(),
+    ]);
+    assert_fails_with(&out, 1, "its first line is not `ADDRESS TYPE NAME`");
+    let _ = std::fs::remove_file(not_a_map);
 }
 
 #[test]

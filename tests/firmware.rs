@@ -79,6 +79,15 @@ fn a_panic_resetting_through_acpi_is_still_a_failure() {
         .run();
     assert_eq!(out.code, Some(1), "{}", out.dump());
     assert!(out.reason().contains("kernel panic"), "{}", out.dump());
+    // The crash report has the registers of the vCPU that wrote the reset register, RIP
+    // symbolized from the vmlinux.
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.trim_start().starts_with("RIP 0xffffffff") && l.contains("+0x")),
+        "{}",
+        out.dump()
+    );
 }
 
 /// Boots with one 16 MiB virtio disk on `transport` and `cmdline` (before ` -- `), and has

@@ -206,7 +206,7 @@ impl DeviceMetrics {
 }
 
 /// `s` as a JSON string literal.
-pub(crate) fn json_str(s: &str) -> String {
+pub fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -258,6 +258,8 @@ pub struct MetricsRegistry {
     start: Instant,
     /// (counters, base address of the device's registers for naming them).
     devices: Vec<(Arc<DeviceMetrics>, u64)>,
+    /// The crash report as a JSON object, once the guest crashed.
+    crash: Option<String>,
 }
 
 impl Default for MetricsRegistry {
@@ -265,6 +267,7 @@ impl Default for MetricsRegistry {
         Self {
             start: Instant::now(),
             devices: Vec::new(),
+            crash: None,
         }
     }
 }
@@ -285,7 +288,13 @@ impl MetricsRegistry {
         self.devices.iter().map(|(m, _)| m)
     }
 
-    /// The report: `{"uptime_ns": N, "devices": [...]}`.
+    /// Adds the crash report (a JSON object) to the report, as `crash`.
+    pub fn set_crash(&mut self, json: String) {
+        self.crash = Some(json);
+    }
+
+    /// The report: `{"uptime_ns": N, "devices": [...]}`, and `"crash": {...}` after a guest
+    /// crash.
     pub fn to_json(&self) -> String {
         let mut out = format!(
             "{{\"uptime_ns\":{},\"devices\":[",
@@ -297,7 +306,12 @@ impl MetricsRegistry {
             }
             m.write_json(&mut out, *base);
         }
-        out.push_str("]}\n");
+        out.push(']');
+        if let Some(crash) = &self.crash {
+            out.push_str(",\"crash\":");
+            out.push_str(crash);
+        }
+        out.push_str("}\n");
         out
     }
 

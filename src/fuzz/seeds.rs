@@ -8,7 +8,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
-use super::virtio::{DATA_START, FLAG_DEVICE, FLAG_EVENT_IDX};
+use super::virtio::{DATA_START, FLAG_DEVICE, FLAG_EVENT_IDX, FLAG_FILE};
 use super::InputBuilder;
 use crate::arch::x86_64::boot::test_images::{make_bzimage, make_elf};
 
@@ -121,7 +121,7 @@ fn blk_one(flags: u8, kind: u32, sector: u64, bufs: &[(u64, u32)], data_flags: u
 fn block() -> Vec<(&'static str, Vec<u8>)> {
     let one = [(BUF, 512)];
     // Two requests in one ring: a write of sector 3, then a read of it (headers apart).
-    let two = {
+    let two = |flags| {
         let mut data = Data::default();
         data.put(HDR, &blk_header(VIRTIO_BLK_T_OUT, 3))
             .put(HDR + 0x20, &blk_header(VIRTIO_BLK_T_IN, 3))
@@ -131,7 +131,7 @@ fn block() -> Vec<(&'static str, Vec<u8>)> {
         read[0].0 = HDR + 0x20;
         read[2].0 = STATUS + 1;
         descs.extend(read);
-        virtio_input(FLAG_EVENT_IDX, &[Ring::new(descs, vec![0, 3])], &data).0
+        virtio_input(flags, &[Ring::new(descs, vec![0, 3])], &data).0
     };
     // A read through an indirect table of three descriptors.
     let indirect = {
@@ -175,8 +175,20 @@ fn block() -> Vec<(&'static str, Vec<u8>)> {
             "read-last-sector",
             blk_one(0, VIRTIO_BLK_T_IN, 63, &one, WRITE),
         ),
-        ("write-then-read", two),
+        ("write-then-read", two(FLAG_EVENT_IDX)),
         ("read-indirect", indirect),
+        // The same through the VMM's image file backend (preadv into guest memory).
+        (
+            "file-read-two-buffers",
+            blk_one(
+                FLAG_FILE,
+                VIRTIO_BLK_T_IN,
+                5,
+                &[(BUF, 512), (BUF + 0x200, 512)],
+                WRITE,
+            ),
+        ),
+        ("file-write-then-read", two(FLAG_EVENT_IDX | FLAG_FILE)),
     ]
 }
 

@@ -3,7 +3,9 @@
 //!
 //! Input layout (every field read with [`Input`], so short inputs read as zeros):
 //! ```text
-//! flags u8                bit 0 EVENT_IDX, bit 1 read-only disk (block) / MRG_RXBUF (net)
+//! flags u8                bit 0 EVENT_IDX, bit 1 read-only disk (block) / MRG_RXBUF (net),
+//!                         bit 2 (block) the disk is an image file: the VMM's own backend,
+//!                         whose I/O threads `preadv` straight into guest memory
 //! per queue:  size_log2 u8 (size 1 << (v % 9)), avail_idx u16, used_event u16,
 //!             ndesc u8, ndesc x 16-byte descriptors (addr u64, len u32, flags u16, next u16),
 //!             navail u8, navail x u16 ring entries
@@ -12,6 +14,10 @@
 //! ```
 //! Queue n's descriptor table is at n * QUEUE_STRIDE, its available ring 0x1000 and its used
 //! ring 0x2000 further; guest memory is MEM_SIZE bytes from 0, so buffers can point outside.
+//!
+//! Every target runs with the guest-memory write guard on (`guest_write`): a device write
+//! anywhere but the device-writable buffers of the chain it serves or that queue's used ring
+//! panics, which the harness reports as a crash.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -25,15 +31,17 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Input, MemDisk};
+use super::{image_file, Input, MemDisk};
 use crate::config::MacAddr;
 use crate::devices::bus::BusDevice;
+use crate::devices::disk::BlockBackend;
 use crate::devices::pci::msix::{MsiMessage, MsiRouting, MsixTable, MsixVector};
 use crate::devices::pci::PciDevice;
 use crate::devices::virtio::device::MsixVectors;
 use crate::devices::virtio::device::{
     Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::devices::virtio::guest_write::{set_guard_mode, GuardMode};
 use crate::devices::virtio::net::NetBackend;
 use crate::devices::virtio::pci_transport::{self, NotifyRegistry};
 use crate::devices::virtio::{MmioTransport, PciTransport, VirtioBlock, VirtioConsole, VirtioNet};
@@ -53,6 +61,8 @@ pub const DISK_SECTORS: u64 = 64;
 pub const FLAG_EVENT_IDX: u8 = 1;
 /// Read-only disk (block), MRG_RXBUF acked (net).
 pub const FLAG_DEVICE: u8 = 2;
+/// The block target's disk is an image file (`RawFile`), not host memory.
+pub const FLAG_FILE: u8 = 4;
 
 const MAX_QUEUE_SIZE: u16 = 256;
 
@@ -73,8 +83,10 @@ fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory")
 }
 
-/// Lays out `nqueues` queues and the data area in fresh guest memory.
+/// Lays out `nqueues` queues and the data area in fresh guest memory, and turns the write
+/// guard on.
 fn guest(input: &mut Input, nqueues: usize) -> Guest {
+    set_guard_mode(GuardMode::Panic);
     let mem = guest_memory();
     let flags = input.u8();
     let mut queues = Vec::with_capacity(nqueues);
@@ -304,14 +316,14 @@ pub fn block(data: &[u8]) {
     if let Some(status) = single.as_ref().and_then(|c| c.last()) {
         let _ = g.mem.write_obj(0xffu8, GuestAddress(status.addr));
     }
+    let disk: Box<dyn BlockBackend> = if g.flags & FLAG_FILE != 0 {
+        Box::new(image_file(DISK_SECTORS))
+    } else {
+        Box::new(MemDisk::new(DISK_SECTORS))
+    };
     // Named after the target: the runner tells its I/O thread's panics by the name.
-    let mut dev = VirtioBlock::new(
-        "virtio_block".into(),
-        Box::new(MemDisk::new(DISK_SECTORS)),
-        readonly,
-        "fuzz-disk",
-    )
-    .expect("virtio-blk device");
+    let mut dev = VirtioBlock::new("virtio_block".into(), disk, readonly, "fuzz-disk")
+        .expect("virtio-blk device");
     let (activation, mem) = activation(g, 0);
     dev.activate(activation).expect("activate");
     dev.process_queue();
@@ -484,14 +496,10 @@ pub fn console(data: &[u8]) {
 /// Accesses one MMIO input makes at most.
 const MAX_MMIO_OPS: usize = 512;
 
-/// The virtio-mmio register file: reads and writes of any size at any offset of the
-/// transport's page (a console behind it), then the console's queues as the driver set
-/// them up, if it activated the device.
-///
-/// Input: `data` as for the other virtio targets (u16-prefixed, at DATA_START), then accesses
-/// of `op u8` (bit 0 write, bits 1-2 size 1/2/4/8), `offset u16` (within 0x200), `value u64`.
-/// Guest memory with the input's blob at DATA_START, and a console to drive.
+/// Guest memory with the input's blob at DATA_START, and a console to drive; the write
+/// guard on.
 fn console_guest(input: &mut Input) -> (GuestMemoryMmap, Arc<Mutex<VirtioConsole>>) {
+    set_guard_mode(GuardMode::Panic);
     let mem = guest_memory();
     let blob = input.blob();
     write(
@@ -505,6 +513,12 @@ fn console_guest(input: &mut Input) -> (GuestMemoryMmap, Arc<Mutex<VirtioConsole
     (mem, console)
 }
 
+/// The virtio-mmio register file: reads and writes of any size at any offset of the
+/// transport's page (a console behind it), then the console's queues as the driver set
+/// them up, if it activated the device.
+///
+/// Input: `data` as for the other virtio targets (u16-prefixed, at DATA_START), then accesses
+/// of `op u8` (bit 0 write, bits 1-2 size 1/2/4/8), `offset u16` (within 0x200), `value u64`.
 pub fn mmio(data: &[u8]) {
     let mut input = Input::new(data);
     let (mem, console) = console_guest(&mut input);

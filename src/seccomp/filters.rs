@@ -24,6 +24,7 @@ use super::ThreadKind;
 
 ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
 ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
 ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
@@ -32,7 +33,6 @@ ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
 // A parked vCPU thread taking its vCPU's state for a snapshot (vstate::vcpu_state::save).
-ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
 ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
 ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
 ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
@@ -79,6 +79,8 @@ const MAIN: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_read,
     libc::SYS_readv,
+    // The crash report reads the kernel's symbols from the file opened at start.
+    libc::SYS_pread64,
     libc::SYS_rename,
     // Snapshots: the directory, the memory file (sparse: sized, then written at offsets),
     // the state file, made durable; the control socket's file removed at the end.
@@ -193,17 +195,20 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
         }
         ThreadKind::Vcpu => {
             // TUNSETOFFLOAD: virtio-net sets the TAP offloads when the driver activates it,
-            // which happens on the vCPU that wrote DRIVER_OK. KVM_SET_GSI_ROUTING: the
+            // which happens on the vCPU that wrote DRIVER_OK. The registers (GET_REGS,
+            // GET_SREGS) are sampled on each periodic kick and read when the guest stops,
+            // for the crash report; the other KVM_GET_*: a parked vCPU taking its state for
+            // a snapshot. KVM_SET_GSI_ROUTING: the
             // driver programming an MSI-X vector; KVM_IOEVENTFD: the driver moving a
             // virtio-pci BAR (its queue notifications move with it).
             ioctls.extend([
                 KVM_RUN(),
                 KVM_GET_REGS(),
+                KVM_GET_SREGS(),
                 KVM_GET_MP_STATE(),
                 KVM_SET_GSI_ROUTING(),
                 KVM_IOEVENTFD(),
                 libc::TUNSETOFFLOAD,
-                KVM_GET_SREGS(),
                 KVM_GET_MSRS(),
                 KVM_GET_LAPIC(),
                 KVM_GET_CPUID2(),

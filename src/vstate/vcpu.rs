@@ -5,6 +5,10 @@
 //! through `VmRunState`; the VMM's event loop stops the other vCPUs by setting `stop` and
 //! kicking each thread with `SIGRTMIN`, whose handler sets `kvm_run.immediate_exit` so a
 //! kick can never be lost between checking `stop` and entering `KVM_RUN`.
+//!
+//! For the crash report each vCPU keeps a `VcpuRecord`: its registers at every periodic kick
+//! (a sample at most 100 ms old), and when the guest stopped on it (its exit, or a machine
+//! reset it asked for through a device), with what KVM said about the exit.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::boot::KernelEntry;
+use crate::arch::x86_64::cpu_state::CpuState;
 use crate::arch::x86_64::cpuid::filter_cpuid;
 use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_common, RegsError};
 use crate::devices::bus::Bus;
@@ -103,6 +108,42 @@ impl std::fmt::Display for GuestExit {
     }
 }
 
+/// What KVM said about the exit that ended the VM (the `kvm_run` exit union, KVM API
+/// documentation 5. "The kvm_run structure").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmExitData {
+    /// KVM_EXIT_INTERNAL_ERROR: `internal.suberror`, `internal.ndata` and the valid part of
+    /// `internal.data`.
+    Internal {
+        suberror: u32,
+        ndata: u32,
+        data: Vec<u64>,
+    },
+    /// KVM_EXIT_FAIL_ENTRY: the hardware's reason and the host CPU.
+    FailEntry { reason: u64, cpu: u32 },
+}
+
+/// A vCPU's registers at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub at: Instant,
+    pub state: CpuState,
+}
+
+/// What one vCPU left for the crash report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VcpuRecord {
+    /// Taken at the latest periodic kick from the event loop.
+    pub sampled: Option<Snapshot>,
+    /// Taken when the guest stopped on this vCPU: at its exit, or when it asked a device to
+    /// reset the machine (the first time).
+    pub stopped: Option<Snapshot>,
+    /// KVM's data for the exit that stopped this vCPU.
+    pub exit_data: Option<KvmExitData>,
+    /// Why the registers at the stop could not be read.
+    pub error: Option<String>,
+}
+
 /// What a parked vCPU thread is asked to do for the event loop.
 pub enum VcpuRequest {
     /// Take the vCPU's state (snapshot, migration).
@@ -126,6 +167,8 @@ pub struct VmRunState {
     pub exit_evt: EventFd,
     /// Per vCPU: last seen halted with interrupts disabled.
     dead_halt: Vec<AtomicBool>,
+    /// Per vCPU: registers for the crash report.
+    records: Vec<Mutex<VcpuRecord>>,
     /// Read on every exit, so a pause costs the run loop one load.
     pause_requested: AtomicBool,
     pause: Mutex<Pause>,
@@ -140,6 +183,7 @@ impl VmRunState {
             exit: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             dead_halt: (0..num_vcpus).map(|_| AtomicBool::new(false)).collect(),
+            records: (0..num_vcpus).map(|_| Mutex::default()).collect(),
             pause_requested: AtomicBool::new(false),
             pause: Mutex::new(Pause {
                 requested: false,
@@ -148,6 +192,19 @@ impl VmRunState {
             }),
             pause_cv: Condvar::new(),
         })
+    }
+
+    fn record(&self, vcpu: u8) -> MutexGuard<'_, VcpuRecord> {
+        self.records[usize::from(vcpu)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What every vCPU left for the crash report, by vCPU id.
+    pub fn records(&self) -> Vec<VcpuRecord> {
+        (0..self.records.len())
+            .map(|i| self.record(i as u8).clone())
+            .collect()
     }
 
     fn pause_lock(&self) -> MutexGuard<'_, Pause> {
@@ -319,6 +376,16 @@ pub fn is_dead_halt(mp_state: u32, rflags: u64) -> bool {
 thread_local! {
     /// The `kvm_run` of the vCPU this thread runs, for the kick signal handler.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// A device asked for this vCPU's registers at the exit being handled.
+    static SNAPSHOT_WANTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Asks for the registers of the vCPU this thread runs as they are at the exit it is
+/// handling, once that is done: for a device model that resets the machine (the i8042's
+/// reset line), so a crash report can show where the guest asked for it (a kernel panic
+/// restarts through there). Does nothing on a thread that runs no vCPU.
+pub fn snapshot_this_vcpu() {
+    SNAPSHOT_WANTED.with(|w| w.set(true));
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -492,7 +559,11 @@ impl Vcpu {
                 Ok(exit) => {
                     // Writes KVM held back happened before this exit: apply them first.
                     drain_coalesced(id, self.coalesced.as_deref(), pio, mmio);
-                    handle_exit(id, exit, current_pio_size(), pio, mmio)
+                    let action = handle_exit(id, exit, current_pio_size(), pio, mmio);
+                    if SNAPSHOT_WANTED.with(|w| w.replace(false)) {
+                        self.record_stop(state, None);
+                    }
+                    action
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
@@ -506,8 +577,9 @@ impl Vcpu {
                         state.park(id, |req| self.serve(req));
                         continue;
                     }
-                    // A periodic kick from the VMM: tell it whether this vCPU is gone for good.
-                    let dead = self.dead_halted();
+                    // A periodic kick from the VMM: tell it whether this vCPU is gone for good,
+                    // and keep where it is for a crash report.
+                    let dead = self.sample(state);
                     state.dead_halt[usize::from(id)].store(dead, Ordering::SeqCst);
                     VcpuAction::Continue
                 }
@@ -518,25 +590,91 @@ impl Vcpu {
             };
             match action {
                 VcpuAction::Continue => {}
-                VcpuAction::Stop(GuestExit::InternalError { .. }) => {
-                    let run = self.fd.get_kvm_run();
-                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills
-                    // the `internal` member of the exit union; reading a u32 from it is sound.
-                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                    return Some(GuestExit::InternalError { vcpu: id, suberror });
+                VcpuAction::Stop(exit) => {
+                    let data = self.exit_data(&exit);
+                    let exit = match (exit, &data) {
+                        (
+                            GuestExit::InternalError { vcpu, .. },
+                            Some(KvmExitData::Internal { suberror, .. }),
+                        ) => GuestExit::InternalError {
+                            vcpu,
+                            suberror: *suberror,
+                        },
+                        (exit, _) => exit,
+                    };
+                    self.record_stop(state, data);
+                    return Some(exit);
                 }
-                VcpuAction::Stop(exit) => return Some(exit),
             }
         }
     }
 
-    fn dead_halted(&self) -> bool {
+    /// KVM's data for an exit that stops the VM, read from `kvm_run`.
+    fn exit_data(&mut self, exit: &GuestExit) -> Option<KvmExitData> {
+        let run = self.fd.get_kvm_run();
+        match exit {
+            GuestExit::InternalError { .. } => {
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the
+                // `internal` member of the exit union, plain integers any bits of which are
+                // valid; `data` is a fixed array, indexed below within its length.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                let valid = (internal.ndata as usize).min(internal.data.len());
+                Some(KvmExitData::Internal {
+                    suberror: internal.suberror,
+                    ndata: internal.ndata,
+                    data: internal.data[..valid].to_vec(),
+                })
+            }
+            GuestExit::FailEntry { .. } => {
+                // SAFETY: the exit reason is KVM_EXIT_FAIL_ENTRY, for which KVM fills the
+                // `fail_entry` member of the exit union, plain integers.
+                let fail = unsafe { run.__bindgen_anon_1.fail_entry };
+                Some(KvmExitData::FailEntry {
+                    reason: fail.hardware_entry_failure_reason,
+                    cpu: fail.cpu,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps the registers as they are now as where the guest stopped on this vCPU (the
+    /// first time only: a panicking kernel pulses the reset line several times).
+    fn record_stop(&self, state: &VmRunState, data: Option<KvmExitData>) {
+        let read = CpuState::read(&self.fd);
+        let mut rec = state.record(self.id);
+        if data.is_some() {
+            rec.exit_data = data;
+        }
+        if rec.stopped.is_some() {
+            return;
+        }
+        match read {
+            Ok(cpu) => {
+                rec.stopped = Some(Snapshot {
+                    at: Instant::now(),
+                    state: cpu,
+                })
+            }
+            Err(e) => rec.error = Some(format!("cannot read the registers: {e}")),
+        }
+    }
+
+    /// On a periodic kick: keeps the registers for a crash report, and says whether the vCPU
+    /// is halted for good.
+    fn sample(&self, state: &VmRunState) -> bool {
         let Ok(mp) = self.fd.get_mp_state() else {
             return false;
         };
         let Ok(regs) = self.fd.get_regs() else {
             return false;
         };
+        if let Ok(sregs) = self.fd.get_sregs() {
+            state.record(self.id).sampled = Some(Snapshot {
+                at: Instant::now(),
+                state: CpuState::from_kvm(&regs, &sregs),
+            });
+        }
         is_dead_halt(mp.mp_state, regs.rflags)
     }
 }

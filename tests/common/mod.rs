@@ -279,10 +279,15 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// `ferrovm run` with no arguments yet.
+    /// `ferrovm run` with no arguments yet, and the guest-memory write guard on (a device
+    /// write outside the buffers the guest's descriptors allowed aborts the VMM with a
+    /// message) unless FERROVM_WRITE_GUARD says otherwise.
     pub fn new() -> Self {
         let mut cmd = Command::new(ferrovm_bin());
-        cmd.arg("run").stdin(Stdio::null());
+        let guard = std::env::var("FERROVM_WRITE_GUARD").unwrap_or_else(|_| "1".into());
+        cmd.arg("run")
+            .stdin(Stdio::null())
+            .env("FERROVM_WRITE_GUARD", guard);
         Self {
             cmd,
             timeout: Duration::from_secs(300),

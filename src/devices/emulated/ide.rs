@@ -869,7 +869,7 @@ pub(crate) mod tests {
         }
         fn read_to(
             &mut self,
-            _: &crate::vstate::memory::GuestMemoryMmap,
+            _: &crate::devices::virtio::guest_write::ChainWriter,
             _: vm_memory::GuestAddress,
             _: u64,
             _: usize,

@@ -150,6 +150,9 @@ impl BusDevice for AcpiPm {
             match data.first() {
                 Some(&RESET_VALUE) => {
                     info!("acpi: the guest reset the machine through the reset register");
+                    // Where the guest asked for it, for a crash report: a panic restarts
+                    // through here too.
+                    crate::vstate::vcpu::snapshot_this_vcpu();
                     Self::signal(&self.reset_evt, "reset");
                 }
                 v => warn!("acpi: reset register written with {v:?}, not {RESET_VALUE}; ignored"),

@@ -81,6 +81,8 @@ impl I8042 {
 
     fn reset_cpu(&mut self) {
         debug!("i8042: CPU reset requested by the guest");
+        // Where the guest asked for it, for a crash report: a panic restarts through here.
+        crate::vstate::vcpu::snapshot_this_vcpu();
         if let Err(e) = self.reset_evt.write(1) {
             error!("i8042: failed to signal the reset: {e}");
         }

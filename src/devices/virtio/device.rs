@@ -11,6 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::guest_write::GuestWriter;
 use crate::devices::metrics::DeviceMetrics;
 use crate::devices::pci::msix::MsixTable;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -343,6 +344,8 @@ where
 pub struct DeviceState {
     pub mem: GuestMemoryMmap,
     pub queues: Vec<Queue>,
+    /// The only way to write guest memory for each queue (see `guest_write`).
+    pub writers: Vec<GuestWriter>,
     pub interrupt: Arc<VirtioInterrupt>,
     pub acked_features: u64,
 }
@@ -356,7 +359,12 @@ impl DeviceState {
                 got: a.queues.len(),
             });
         }
+        let name = match a.interrupt.metrics().name.as_str() {
+            "" => "virtio device",
+            name => name,
+        };
         Ok(Self {
+            writers: GuestWriter::for_queues(&a.mem, name, &a.queues),
             mem: a.mem,
             queues: a.queues,
             interrupt: a.interrupt,
@@ -381,14 +389,14 @@ impl DeviceState {
 /// with a warning.
 pub fn rearm_notification(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    writer: &GuestWriter,
     popped: usize,
     empty_rounds: &mut u32,
     name: &str,
 ) -> bool {
     /// Empty drains in a row that are still taken for a race with the driver.
     const RACE_ROUNDS: u32 = 3;
-    match queue.enable_notification(mem) {
+    match writer.enable_notification(queue) {
         Ok(true) if popped > 0 => {
             *empty_rounds = 0;
             true

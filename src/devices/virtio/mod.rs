@@ -3,6 +3,8 @@
 pub mod block;
 pub mod console;
 pub mod device;
+pub mod guest_write;
+
 pub mod net;
 pub mod transport;
 
