@@ -1,11 +1,17 @@
 //! Guest memory: anonymous host mappings laid out around the 32-bit MMIO gap.
 
+use vm_memory::bitmap::{AtomicBitmap, Bitmap};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// The guest memory type used throughout the VMM.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type used throughout the VMM. Each region carries a dirty bitmap (one
+/// bit per 4 KiB page) that every write through vm-memory sets, and that the VMM's own raw
+/// writes set by hand (`devices::virtio::guest_write`): live migration ORs it with KVM's
+/// dirty log, which sees only the guest's writes (`crate::migration::dirty`).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// One region of guest memory.
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +67,7 @@ pub fn map_snapshot_memory(
         )
         .map_err(|e| SnapshotMemoryError::Map(e.to_string()))?;
         out.push(
-            vm_memory::GuestRegionMmap::new(mapping, addr).ok_or_else(|| {
+            GuestRegionMmap::new(mapping, addr).ok_or_else(|| {
                 SnapshotMemoryError::Map("a region past the address space".into())
             })?,
         );
@@ -76,6 +82,23 @@ pub enum SnapshotMemoryError {
     Dup(#[source] std::io::Error),
     #[error("Failed to map the snapshot's guest memory: {0}")]
     Map(String),
+}
+
+/// Sets the dirty bits of the pages `len` bytes at `addr` touch, for a write the VMM made
+/// through a raw pointer (vm-memory's own writes set them already). Addresses outside guest
+/// memory are ignored: nothing was written there.
+pub fn mark_dirty(mem: &GuestMemoryMmap, addr: u64, len: u64) {
+    let end = addr.saturating_add(len);
+    let mut at = addr;
+    while at < end {
+        let Some(region) = mem.find_region(GuestAddress(at)) else {
+            return;
+        };
+        let offset = at - region.start_addr().0;
+        let n = (end - at).min(region.len() - offset);
+        region.bitmap().mark_dirty(offset as usize, n as usize);
+        at += n;
+    }
 }
 
 /// End (exclusive) of the RAM below the MMIO gap: where boot data must live.

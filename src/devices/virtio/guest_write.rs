@@ -32,8 +32,10 @@
 //! page, command line, MP table, GDT and page tables) happen before any vCPU runs.
 //!
 //! Dirty-page tracking (live migration) hooks in at [`GuestWriter::wrote`], which every
-//! path calls after its write: copies through a `GuestMemoryMmap<AtomicBitmap>` would mark
-//! their pages themselves, the raw `preadv` path must be marked there.
+//! path calls after its write: copies through the `GuestMemoryMmap<AtomicBitmap>` mark
+//! their pages themselves, the raw `preadv` path is marked there (`vstate::memory::
+//! mark_dirty`). `crate::migration::dirty` lists every writer of guest memory, this module's
+//! and the others.
 //!
 //! The guard is a test mode: `FERROVM_WRITE_GUARD=1` in the VMM's environment (the guest
 //! tests set it for every VM), on in the unit tests and fuzz targets (where a violation
@@ -208,9 +210,13 @@ impl GuestWriter {
         }
     }
 
-    /// Where every write lands, after it happened: the dirty-page tracking hook.
+    /// Where every write lands, after it happened: the dirty-page tracking hook. Writes
+    /// through vm-memory set their pages' dirty bits themselves; the raw `preadv` path
+    /// ([`ChainWriter::write_raw`]) does not, so every write marks its pages here.
     #[inline]
-    fn wrote(&self, _addr: u64, _len: u64) {}
+    fn wrote(&self, addr: u64, len: u64) {
+        crate::vstate::memory::mark_dirty(&self.mem, addr, len);
+    }
 
     /// Stops everything when a write of `len` bytes at `addr` is outside `allowed` and the
     /// used ring (a `chain` of None: a used ring write).
