@@ -19,6 +19,7 @@
 pub mod arch;
 pub mod config;
 pub mod devices;
+pub mod exec;
 /// Fuzz targets and the bounded runner CI uses (tests and the `fuzzing` feature only).
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;

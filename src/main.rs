@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use ferrovm::config::{
-    ConsoleConfig, DiskConfig, NetConfig, SerialBackend, VirtioTransport, DEFAULT_CMDLINE,
+    ConsoleConfig, DiskConfig, FsConfig, NetConfig, SerialBackend, VirtioTransport, DEFAULT_CMDLINE,
 };
 use ferrovm::{terminal, VmConfig, Vmm};
 
@@ -26,6 +26,71 @@ enum Command {
     /// SIGHUP stop it cleanly), 2 for a bad command line, 159 (128+SIGSYS) when a VMM thread
     /// made a syscall its seccomp filter forbids (the VMM stops at once; see --no-seccomp).
     Run(RunArgs),
+    /// Boot a kernel on the host's own files and run one command in it.
+    ///
+    /// The guest's root is the host's / over virtio-fs, read-only, with tmpfs over /tmp,
+    /// /var/tmp, /run and $HOME; CMD runs in the current directory with the caller's
+    /// environment (less DISPLAY, SSH_*, DBUS_*, XDG_RUNTIME_DIR and the like). Its stdout and
+    /// stderr are ferrovm's, stdin is forwarded. Kernel messages are hidden unless --verbose.
+    ///
+    /// Exit status: CMD's (128+N when signal N killed it), 255 with a reason line when the
+    /// guest panicked or never ran CMD, 124 after --timeout, 1 when the VM cannot be built.
+    Exec(ExecArgs),
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// The kernel (bzImage or vmlinux; default: the project's, built by scripts/build-guest,
+    /// else /boot/vmlinuz-$(uname -r)). It needs virtio-fs: CONFIG_VIRTIO_FS and
+    /// CONFIG_FUSE_FS, with CONFIG_VIRTIO_CONSOLE and CONFIG_VIRTIO_PCI (built in or modules)
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Where the kernel's modules are (a directory with modules.dep; default: modules/
+    /// beside the kernel, else /lib/modules/RELEASE)
+    #[arg(long, value_name = "DIR")]
+    modules: Option<PathBuf>,
+
+    /// Number of vCPUs
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+
+    /// Guest memory in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    memory: u64,
+
+    /// An extra disk, as for `ferrovm run --disk`; repeatable
+    #[arg(long = "disk", value_name = "DISK")]
+    disks: Vec<DiskConfig>,
+
+    /// A NIC, as for `ferrovm run --net`; repeatable
+    #[arg(long = "net", value_name = "NIC")]
+    nets: Vec<NetConfig>,
+
+    /// A host directory the guest may write (its own virtio-fs share at the same path);
+    /// changes are on the host when ferrovm exits; repeatable
+    #[arg(long = "rw", value_name = "DIR")]
+    rw: Vec<PathBuf>,
+
+    /// Stop the VM after SECS seconds (exit status 124)
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+
+    /// Show the guest kernel's messages (on stderr)
+    #[arg(long)]
+    verbose: bool,
+
+    /// The virtio transport: pci or mmio
+    #[arg(long, value_name = "pci|mmio", default_value = "pci")]
+    virtio_transport: VirtioTransport,
+
+    /// Run without the seccomp filters (debugging)
+    #[arg(long)]
+    no_seccomp: bool,
+
+    /// The command and its arguments, after --
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Args)]
@@ -113,6 +178,18 @@ struct RunArgs {
     /// for the guest but keeps the tables)
     #[arg(long)]
     no_acpi: bool,
+
+    /// A virtio-fs share the guest mounts with `mount -t virtiofs TAG DIR`:
+    /// tag=TAG,path=DIR[,readonly] starts a virtiofsd serving DIR (stopped with the VM),
+    /// tag=TAG,socket=PATH uses a virtiofsd you run; [,transport=pci|mmio]; repeatable.
+    /// Guest RAM is then a shared memfd
+    #[arg(long = "fs", value_name = "SHARE")]
+    fs: Vec<FsConfig>,
+
+    /// Back guest RAM with a shared memfd even without --fs (what vhost-user backends map;
+    /// QEMU's memory-backend-memfd,share=on, Cloud Hypervisor's --memory shared=on)
+    #[arg(long)]
+    memory_shared: bool,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -132,6 +209,8 @@ impl From<RunArgs> for VmConfig {
             seccomp: !a.no_seccomp,
             virtio_transport: a.virtio_transport,
             acpi: !a.no_acpi,
+            fs: a.fs,
+            memory_shared: a.memory_shared,
         }
     }
 }
@@ -162,13 +241,44 @@ fn report_leftovers() {
     }
 }
 
+/// `ferrovm exec`: CMD's status, or the VM's failure.
+fn exec(a: ExecArgs) -> ExitCode {
+    let opts = ferrovm::exec::ExecOptions {
+        kernel: a.kernel,
+        modules: a.modules,
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        disks: a.disks,
+        nets: a.nets,
+        rw: a.rw,
+        timeout: a.timeout.map(std::time::Duration::from_secs),
+        verbose: a.verbose,
+        seccomp: !a.no_seccomp,
+        virtio_transport: a.virtio_transport,
+        command: a.command,
+    };
+    let result = ferrovm::exec::run(&opts);
+    report_leftovers();
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        // Not CMD's status: the guest never ran it (virtme-ng's 255).
+        Err(e) => {
+            print_error(&e);
+            ExitCode::from(ferrovm::exec::EXIT_GUEST_FAILED as u8)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_millis()
         .init();
     terminal::install_panic_restore();
 
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::Exec(a) => return exec(a),
+    };
     let cfg = VmConfig::from(args);
     let result = Vmm::build(&cfg).and_then(Vmm::run);
     // The VMM is gone (run consumes it): every device thread should be joined and every

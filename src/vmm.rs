@@ -20,6 +20,7 @@ use crate::arch::x86_64::boot::{build_cmdline, load_kernel, plan_boot, BootError
 use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::config::{ConfigError, DeviceModel, SerialBackend, VmConfig};
+use crate::config::{FsConfig, FsSource};
 use crate::devices::disk::{DiskError, RawFile};
 use crate::devices::emulated::ide::AtaDisk;
 use crate::devices::host_input::stdin_input;
@@ -28,13 +29,18 @@ use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::metrics::MetricsRegistry;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::console::ConsoleError;
+use crate::devices::virtio::fs::FsError;
 use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
-use crate::devices::virtio::{VirtioBlock, VirtioConsole};
+use crate::devices::virtio::ports::VirtioPorts;
+use crate::devices::virtio::{VirtioBlock, VirtioConsole, VirtioFs};
+use crate::devices::virtiofsd::{self, Virtiofsd, VirtiofsdError};
 use crate::devices::{Bus, DeviceEventManager};
 use crate::seccomp::{SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::vstate::coalesced::CoalescedRing;
-use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::vstate::memory::{
+    create_guest_memory_with, GuestMemoryMmap, MemoryBacking, MemoryError,
+};
 use crate::vstate::vcpu::{
     register_kick_handler, GuestExit, Vcpu, VcpuError, VcpuHandle, VmRunState,
 };
@@ -93,6 +99,10 @@ pub enum VmmError {
     Console(#[from] ConsoleError),
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Virtiofsd(#[from] VirtiofsdError),
     #[error("Failed to open the serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -127,6 +137,8 @@ pub enum ExitReason {
     Guest(GuestExit),
     /// The VMM received this termination signal.
     Signal(i32),
+    /// The time limit the caller set (`VmExtras::timeout`) ran out.
+    TimedOut,
 }
 
 impl ExitReason {
@@ -137,6 +149,8 @@ impl ExitReason {
             Self::Guest(g) if g.is_clean() => 0,
             Self::Guest(_) => 1,
             Self::Signal(n) => 128 + n,
+            // timeout(1)'s status.
+            Self::TimedOut => 124,
         }
     }
 }
@@ -146,6 +160,7 @@ impl std::fmt::Display for ExitReason {
         match self {
             Self::Guest(g) => g.fmt(f),
             Self::Signal(n) => write!(f, "stopped by signal {}", signal_name(*n)),
+            Self::TimedOut => write!(f, "stopped at the time limit"),
         }
     }
 }
@@ -172,6 +187,18 @@ fn signal_name(n: i32) -> String {
     }
 }
 
+/// What a caller wires in besides what the configuration names (`ferrovm exec`: its
+/// channels and where the console's output goes).
+#[derive(Default)]
+pub struct VmExtras {
+    /// Takes the place of the `--serial` backend's writer for ttyS0's output.
+    pub serial_out: Option<Box<dyn Write + Send>>,
+    /// A multiport virtio-console, on the default virtio transport.
+    pub ports: Option<VirtioPorts>,
+    /// The VM is stopped after this long (`ExitReason::TimedOut`).
+    pub timeout: Option<Duration>,
+}
+
 /// A VM ready to run.
 pub struct Vmm {
     // Declared before `mem` so vCPUs and the VM go away before the memory they map.
@@ -185,17 +212,31 @@ pub struct Vmm {
     raw_terminal: bool,
     metrics: MetricsRegistry,
     metrics_path: Option<PathBuf>,
+    /// The multiport console, drained once the vCPUs stopped.
+    ports: Option<Arc<Mutex<VirtioPorts>>>,
+    /// When the VM is stopped (`VmExtras::timeout`), counted from `run`.
+    timeout: Option<Duration>,
+    /// Last, so they are reaped after the devices closed their sockets.
+    _fs_daemons: Vec<Virtiofsd>,
 }
 
 impl Vmm {
     /// Validates `cfg` and builds the whole VM; nothing runs yet.
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
+        Self::build_with(cfg, VmExtras::default())
+    }
+
+    /// The same with `extras` wired in too.
+    pub fn build_with(cfg: &VmConfig, extras: VmExtras) -> Result<Self, VmmError> {
         cfg.validate()?;
         // Before any thread exists: the I/O and stdin threads started below sandbox themselves.
         crate::seccomp::init(cfg.seccomp)?;
         // Bad kernel or initrd files are reported before KVM is touched.
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
-        let (serial_out, serial_wants_stdin) = open_serial_backend(&cfg.serial)?;
+        let (mut serial_out, serial_wants_stdin) = open_serial_backend(&cfg.serial)?;
+        if let Some(out) = extras.serial_out {
+            serial_out = out;
+        }
         let serial2 = cfg.serial2.as_ref().map(open_serial_backend).transpose()?;
         let console = match &cfg.console {
             Some(c) => Some(open_serial_backend(&c.backend)?),
@@ -223,8 +264,16 @@ impl Vmm {
                 })?;
         }
 
+        // The virtio-fs backends are started (and reached) before KVM is touched too.
+        let (fs_daemons, fs_streams) = start_fs_backends(&cfg.fs)?;
+
         // Memory first: a host that cannot give it is told so whether or not KVM is there.
-        let mem = create_guest_memory(cfg.mem_bytes())?;
+        let backing = if cfg.needs_shared_memory() {
+            MemoryBacking::Shared
+        } else {
+            MemoryBacking::Private
+        };
+        let mem = create_guest_memory_with(cfg.mem_bytes(), backing)?;
         let vm = KvmVm::new(cfg.vcpus)?;
         vm.register_memory(&mem)?;
 
@@ -268,6 +317,31 @@ impl Vmm {
                 transport,
                 "hvc0",
                 "virtio console (hvc0)",
+            )?;
+        }
+        let ports = match extras.ports {
+            Some(dev) => Some(devices.attach_virtio(
+                &vm,
+                &mem,
+                &mut event_manager,
+                dev,
+                cfg.virtio_transport,
+                "vport0",
+                "virtio console ports (vport0pN)",
+            )?),
+            None => None,
+        };
+        for (i, (fs, stream)) in cfg.fs.iter().zip(fs_streams).enumerate() {
+            let dev = VirtioFs::new(&fs.tag, stream)?;
+            let what = format!("virtio-fs '{}'", fs.tag);
+            devices.attach_virtio(
+                &vm,
+                &mem,
+                &mut event_manager,
+                dev,
+                fs.transport.unwrap_or(cfg.virtio_transport),
+                &format!("fs{i}"),
+                &what,
             )?;
         }
         let reset_evt = devices.attach_i8042()?;
@@ -393,6 +467,9 @@ impl Vmm {
             raw_terminal: serial_in || serial2_in || console_takes_stdin,
             metrics,
             metrics_path: cfg.metrics.clone(),
+            ports,
+            timeout: extras.timeout,
+            _fs_daemons: fs_daemons,
         })
     }
 
@@ -443,6 +520,13 @@ impl Vmm {
         for h in handles {
             h.join();
         }
+        // What the guest wrote to a port before it stopped reaches its host side.
+        if let Some(ports) = &self.ports {
+            ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain_output();
+        }
         // Written after the vCPUs stopped, so the report is final.
         self.write_metrics();
         result
@@ -462,6 +546,7 @@ impl Vmm {
 
     fn event_loop(&mut self, vcpus: &[VcpuHandle]) -> Result<ExitReason, VmmError> {
         let mut last_poll = Instant::now();
+        let deadline = self.timeout.map(|t| Instant::now() + t);
         // Whether the guest has ever had interrupt routing in place (see `classify_exit`).
         let mut interrupts_were_live = false;
         loop {
@@ -487,6 +572,10 @@ impl Vmm {
                 let exit = classify_exit(exit, interrupts_were_live || live_now, live_now);
                 return Ok(ExitReason::Guest(exit));
             }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                info!("The time limit ran out, stopping the VM");
+                return Ok(ExitReason::TimedOut);
+            }
             if last_poll.elapsed() >= HALT_POLL_INTERVAL {
                 interrupts_were_live |= self.vm.ioapic_routes_live()?;
                 if self.run_state.all_dead_halted() {
@@ -500,6 +589,38 @@ impl Vmm {
             }
         }
     }
+}
+
+/// Starts a virtiofsd per `path=` share and connects to every share's socket; returns the
+/// daemons (reaped when dropped) and the connected sockets, in `fs` order.
+fn start_fs_backends(
+    fs: &[FsConfig],
+) -> Result<(Vec<Virtiofsd>, Vec<std::os::unix::net::UnixStream>), VmmError> {
+    let mut daemons = Vec::new();
+    let mut streams = Vec::new();
+    let mut binary = None;
+    for share in fs {
+        match &share.source {
+            FsSource::Dir { path, readonly } => {
+                if binary.is_none() {
+                    binary = Some(virtiofsd::Binary::find()?);
+                }
+                let bin = binary.as_ref().expect("found above");
+                let (daemon, stream) = Virtiofsd::start(bin, &share.tag, path, *readonly)?;
+                daemons.push(daemon);
+                streams.push(stream);
+            }
+            FsSource::Socket(path) => {
+                streams.push(virtiofsd::connect(
+                    path,
+                    &share.tag,
+                    virtiofsd::READY_TIMEOUT,
+                    || None,
+                )?);
+            }
+        }
+    }
+    Ok((daemons, streams))
 }
 
 /// The id a disk reports when none is given: its file name, cut to what virtio-blk carries.

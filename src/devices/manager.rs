@@ -413,6 +413,7 @@ impl DeviceManager {
             1 => ("virtio-net", "net"),
             2 => ("virtio-blk", "block"),
             3 => ("virtio-console", "stream"),
+            26 => ("virtio-fs", "fs"),
             _ => ("virtio", "other"),
         };
         let device = Arc::new(Mutex::new(device));

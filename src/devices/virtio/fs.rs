@@ -35,7 +35,7 @@ use crate::devices::metrics::DeviceMetrics;
 /// Virtio device id of a file system device.
 pub const VIRTIO_ID_FS: u32 = 26;
 /// Longest tag: the configuration space holds 36 bytes, NUL-padded (5.11.4).
-pub const FS_TAG_MAX: usize = 36;
+pub use crate::config::FS_TAG_MAX;
 /// hiprio + one request queue.
 const NUM_QUEUES: usize = 2;
 /// Request queues (`num_request_queues` in the configuration space).

@@ -5,6 +5,7 @@ pub mod console;
 pub mod device;
 pub mod fs;
 pub mod net;
+pub mod ports;
 pub mod transport;
 pub mod vhost_user;
 
