@@ -39,7 +39,7 @@ pub enum KernelError {
     Read(PathBuf, #[source] std::io::Error),
     #[error("The kernel {kernel} lacks {missing}: ferrovm exec needs them (built in, or as modules) on top of `make defconfig kvm_guest.config`; see README, \"ferrovm exec\"")]
     MissingOptions { kernel: PathBuf, missing: String },
-    #[error("The kernel {kernel} has {option}=m but its module {module} is not in {dir} (give the kernel's modules with --modules DIR)")]
+    #[error("The kernel {kernel} has {option}=m but its module {module} is not in {dir}: give the kernel's modules with --modules DIR")]
     MissingModule {
         kernel: PathBuf,
         option: String,
@@ -167,25 +167,10 @@ pub fn required_modules(
             }
         }
     }
-    for (opt, module, why) in REQUIRED {
-        let value = config.map(|c| c.get(*opt).map(String::as_str));
-        match value {
-            Some(Some("y")) => continue,
-            Some(Some("m")) | None => match tree.and_then(|t| t.load_order(module)) {
-                Some(o) => order.extend(o),
-                None if value.is_none() => continue,
-                None => {
-                    return Err(KernelError::MissingModule {
-                        kernel: kernel.into(),
-                        option: opt.to_string(),
-                        module: format!("{module}.ko"),
-                        dir: tree.map_or("no module directory (none found)".into(), |t| {
-                            t.root().display().to_string()
-                        }),
-                    })
-                }
-            },
-            Some(_) => missing.push(format!("{opt} ({why})")),
+    // Options the kernel lacks altogether first: no module directory can help there.
+    for (opt, _, why) in REQUIRED {
+        if let Some(None | Some("n")) = config.map(|c| c.get(*opt).map(String::as_str)) {
+            missing.push(format!("{opt} ({why})"));
         }
     }
     if !missing.is_empty() {
@@ -193,6 +178,27 @@ pub fn required_modules(
             kernel: kernel.into(),
             missing: missing.join(", "),
         });
+    }
+    for (opt, module, _) in REQUIRED {
+        let value = config.map(|c| c.get(*opt).map(String::as_str));
+        if value == Some(Some("y")) {
+            continue;
+        }
+        match tree.and_then(|t| t.load_order(module)) {
+            Some(o) => order.extend(o),
+            // Unknown configuration: built in, or the guest init says what is missing.
+            None if value.is_none() => {}
+            None => {
+                return Err(KernelError::MissingModule {
+                    kernel: kernel.into(),
+                    option: opt.to_string(),
+                    module: format!("{module}.ko"),
+                    dir: tree.map_or("(no module directory found)".into(), |t| {
+                        t.root().display().to_string()
+                    }),
+                })
+            }
+        }
     }
     let mut seen = std::collections::HashSet::new();
     order.retain(|p| seen.insert(p.clone()));
