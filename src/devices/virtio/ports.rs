@@ -484,3 +484,217 @@ impl MutEventSubscriber for VirtioPorts {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::devices::virtio::device::test_utils::{guest_memory, DATA_START};
+    use crate::devices::virtio::device::VirtioInterrupt;
+    use crate::vstate::memory::GuestMemoryMmap;
+
+    const F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct Harness<'a> {
+        mem: &'a GuestMemoryMmap,
+        dev: Arc<Mutex<VirtioPorts>>,
+        ev: EventManager<Arc<Mutex<VirtioPorts>>>,
+        queues: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+        out: Sink,
+        input: Option<std::io::PipeWriter>,
+        /// Next free data address for buffers.
+        next: u64,
+    }
+
+    impl Harness<'_> {
+        fn run(&mut self) {
+            for _ in 0..3 {
+                self.ev.run_with_timeout(20).unwrap();
+            }
+        }
+        fn kick(&mut self, q: usize) {
+            self.dev.lock().unwrap().queue_events()[q].write(1).unwrap();
+            self.run();
+        }
+        /// Posts a device-writable buffer on queue `q`; returns its address.
+        fn post_rx(&mut self, q: usize, len: u32) -> u64 {
+            let addr = self.next;
+            self.next += 0x1000;
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, F_WRITE, 0));
+            let idx = self.queues[q].avail().idx().load();
+            self.queues[q].add_desc_chains(&[d], idx).unwrap();
+            addr
+        }
+        /// Sends a driver-readable buffer with `data` on queue `q`.
+        fn send(&mut self, q: usize, data: &[u8]) {
+            let addr = self.next;
+            self.next += 0x1000;
+            self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, data.len() as u32, 0, 0));
+            let idx = self.queues[q].avail().idx().load();
+            self.queues[q].add_desc_chains(&[d], idx).unwrap();
+            self.kick(q);
+        }
+        /// The control messages the device sent, (id, event, value, payload).
+        fn control_sent(&self, addrs: &[u64]) -> Vec<(u32, u16, u16, Vec<u8>)> {
+            let used = &self.queues[CTRL_RX].used();
+            (0..used.idx().load())
+                .map(|i| {
+                    let e = used.ring().ref_at(i as usize).unwrap().load();
+                    let addr = addrs[e.id() as usize];
+                    let mut m = vec![0u8; e.len() as usize];
+                    self.mem.read_slice(&mut m, GuestAddress(addr)).unwrap();
+                    (
+                        u32::from_le_bytes(m[0..4].try_into().unwrap()),
+                        u16::from_le_bytes(m[4..6].try_into().unwrap()),
+                        u16::from_le_bytes(m[6..8].try_into().unwrap()),
+                        m[8..].to_vec(),
+                    )
+                })
+                .collect()
+        }
+    }
+
+    /// Two ports: 0 "stdin" (host input), 1 "stdout" (output to a sink); activated.
+    fn harness(mem: &GuestMemoryMmap) -> Harness<'_> {
+        let out = Sink::default();
+        let (r, w) = std::io::pipe().unwrap();
+        let dev = VirtioPorts::new(vec![
+            PortConfig {
+                name: "stdin".into(),
+                output: None,
+                input: Some(Box::new(r)),
+            },
+            PortConfig {
+                name: "stdout".into(),
+                output: Some(Box::new(out.clone())),
+                input: None,
+            },
+        ])
+        .unwrap();
+        assert_eq!(dev.queue_max_sizes().len(), 6);
+        let dev = Arc::new(Mutex::new(dev));
+        let mut ev = EventManager::new().unwrap();
+        ev.add_subscriber(dev.clone());
+        let queues: Vec<_> = (0..6)
+            .map(|i| MockSplitQueue::create(mem, GuestAddress(i * 0x4000), QUEUE_SIZE))
+            .collect();
+        let qs: Vec<Queue> = queues.iter().map(|q| q.create_queue().unwrap()).collect();
+        dev.lock()
+            .unwrap()
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: qs,
+                interrupt: Arc::new(VirtioInterrupt::new(
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                )),
+                acked_features: VIRTIO_F_VERSION_1 | VIRTIO_CONSOLE_F_MULTIPORT,
+            })
+            .unwrap();
+        let mut h = Harness {
+            mem,
+            dev,
+            ev,
+            queues,
+            out,
+            input: Some(w),
+            next: DATA_START,
+        };
+        h.run();
+        h
+    }
+
+    #[test]
+    fn config_space_gives_the_port_count() {
+        let mem = guest_memory();
+        let h = harness(&mem);
+        let mut cfg = [0xffu8; 12];
+        h.dev.lock().unwrap().read_config(0, &mut cfg);
+        assert_eq!(cfg, [0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_ne!(
+            h.dev.lock().unwrap().avail_features() & VIRTIO_CONSOLE_F_MULTIPORT,
+            0
+        );
+    }
+
+    #[test]
+    fn ports_are_added_then_opened_before_they_are_named() {
+        let mem = guest_memory();
+        let mut h = harness(&mem);
+        let bufs: Vec<u64> = (0..8).map(|_| h.post_rx(CTRL_RX, 64)).collect();
+        h.send(CTRL_TX, &control(0, DEVICE_READY, 1, &[]));
+        h.send(CTRL_TX, &control(1, PORT_READY, 1, &[]));
+        let sent = h.control_sent(&bufs);
+        assert_eq!(
+            sent,
+            [
+                (0, DEVICE_ADD, 1, vec![]),
+                (1, DEVICE_ADD, 1, vec![]),
+                (1, PORT_OPEN, 1, vec![]),
+                (1, PORT_NAME, 1, b"stdout".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn guest_output_reaches_the_ports_host_side() {
+        let mem = guest_memory();
+        let mut h = harness(&mem);
+        let (_, tx) = port_queues(1);
+        assert_eq!(tx, 5);
+        h.send(tx, b"\x00\xffbinary\r\n");
+        assert_eq!(&*h.out.0.lock().unwrap(), b"\x00\xffbinary\r\n");
+    }
+
+    #[test]
+    fn input_flows_only_once_the_guest_opened_the_port_and_its_end_closes_the_host_side() {
+        let mem = guest_memory();
+        let mut h = harness(&mem);
+        let bufs: Vec<u64> = (0..8).map(|_| h.post_rx(CTRL_RX, 64)).collect();
+        let (rx, _) = port_queues(0);
+        let data_buf = h.post_rx(rx, 64);
+        h.input.as_mut().unwrap().write_all(b"abc").unwrap();
+        h.kick(rx);
+        assert_eq!(
+            h.queues[rx].used().idx().load(),
+            0,
+            "not open in the guest yet"
+        );
+        h.send(CTRL_TX, &control(0, PORT_OPEN, 1, &[]));
+        assert_eq!(h.queues[rx].used().idx().load(), 1);
+        let mut got = [0u8; 3];
+        mem.read_slice(&mut got, GuestAddress(data_buf)).unwrap();
+        assert_eq!(&got, b"abc");
+        // The host's input ends: with a buffer posted, the device reads the end and closes
+        // the port's host side.
+        h.input = None;
+        h.post_rx(rx, 64);
+        h.kick(rx);
+        assert_eq!(h.control_sent(&bufs), [(0, PORT_OPEN, 0, vec![])]);
+        assert_eq!(
+            h.queues[rx].used().idx().load(),
+            1,
+            "the last buffer is not used"
+        );
+    }
+}
