@@ -40,7 +40,11 @@ fn exec_in(
     c.arg("exec")
         .arg("--kernel")
         .arg(kernel.path())
-        .args(["--timeout", "240"])
+        .args(if args.contains(&"--timeout") {
+            &[][..]
+        } else {
+            &["--timeout", "240"][..]
+        })
         .args(args)
         .arg("--")
         .args(cmd)
@@ -435,4 +439,83 @@ fn run_with_fs_over_virtio_mmio() {
     assert_eq!(out.guest_exit(), Some(0), "{}", out.dump());
     assert!(out.stdout.contains("host data"), "{}", out.dump());
     assert_eq!(std::fs::read_to_string(dir.join("out")).unwrap(), "guest\n");
+}
+
+/// A directory on a file system that takes Unix sockets (the sandbox's /tmp is 9p).
+fn socket_dir() -> PathBuf {
+    for base in ["/dev/shm", "/var/tmp", "/run"] {
+        let d = Path::new(base).join(format!("ferrovm-test-fs-{}", std::process::id()));
+        if std::fs::create_dir_all(&d).is_err() {
+            continue;
+        }
+        if std::os::unix::net::UnixListener::bind(d.join("probe")).is_ok() {
+            let _ = std::fs::remove_file(d.join("probe"));
+            return d;
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+    panic!("no directory here takes Unix sockets");
+}
+
+/// `--fs tag=T,socket=PATH` on a virtiofsd the test runs, then kills: the guest's next
+/// request fails (ENOTCONN) instead of hanging, ferrovm says so once, and the VM goes on to
+/// power off normally.
+#[test]
+fn a_virtiofsd_that_dies_makes_requests_fail_and_the_vm_goes_on() {
+    sandboxed!();
+    let dir = scratch_dir("userfs");
+    std::fs::write(dir.join("a"), "first\n").unwrap();
+    std::fs::write(dir.join("b"), "second\n").unwrap();
+    let socks = socket_dir();
+    let sock = socks.join("fs.sock");
+    let qemu = Path::new("/usr/lib/qemu/virtiofsd");
+    let mut cmd = if qemu.exists() {
+        let mut c = Command::new(qemu);
+        c.args(["-o", &format!("source={}", dir.display())]).args([
+            "-o",
+            "sandbox=chroot",
+            "-o",
+            "log_level=err",
+        ]);
+        c
+    } else {
+        let mut c = Command::new("virtiofsd");
+        c.arg(format!("--shared-dir={}", dir.display()))
+            .arg("--sandbox=chroot");
+        c
+    };
+    let mut daemon = cmd
+        .arg(format!("--socket-path={}", sock.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start a virtiofsd (QEMU's /usr/lib/qemu/virtiofsd or the Rust one on PATH)");
+    let mut vm = common::Vm::guest_running(
+        "mkdir /mnt; mount -t virtiofs u /mnt; cat /mnt/a; echo read-$((6*7)); sleep 10; \
+         cat /mnt/b || echo second-read-$((6*7))-failed",
+    );
+    vm.arg("--fs")
+        .arg(format!("tag=u,socket={}", sock.display()));
+    let running = vm.spawn_until("read-42", std::time::Duration::from_secs(240));
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let out = running.finish(std::time::Duration::from_secs(240));
+    let _ = std::fs::remove_dir_all(&socks);
+    assert_eq!(out.code, Some(0), "{}", out.dump());
+    assert_eq!(out.guest_exit(), Some(0), "{}", out.dump());
+    assert!(out.stdout.contains("first"), "{}", out.dump());
+    assert!(
+        out.stdout.contains("second-read-42-failed"),
+        "{}",
+        out.dump()
+    );
+    assert!(!out.stdout.contains("\nsecond\n"), "{}", out.dump());
+    assert_eq!(
+        out.stderr
+            .matches("the vhost-user backend (virtiofsd) is gone")
+            .count(),
+        1,
+        "{}",
+        out.dump()
+    );
 }
