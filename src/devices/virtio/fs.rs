@@ -26,8 +26,8 @@ use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{
-    read_chain, take_notifications, ActivateError, Activation, DeviceState, VirtioDevice,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    read_chain, rearm_notification, take_notifications, ActivateError, Activation, DeviceState,
+    VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use super::vhost_user::{VhostUserConnection, VhostUserError};
 use crate::devices::metrics::DeviceMetrics;
@@ -231,19 +231,39 @@ impl VirtioFs {
             return;
         };
         let mut completed = 0;
-        while let Some(chain) = state.queues[queue].pop_descriptor_chain(&state.mem) {
-            let head = chain.head_index();
-            let len = match read_chain(chain, QUEUE_SIZE) {
-                Ok(descs) => error_reply(&descs, &state.mem).unwrap_or(0),
-                Err(e) => {
-                    warn!("virtio-fs: bad request chain: {e}");
-                    0
-                }
-            };
-            if let Err(e) = state.queues[queue].add_used(&state.mem, head, len) {
-                error!("virtio-fs: cannot complete a request: {e}");
+        let mut empty_rounds = 0;
+        loop {
+            // With EVENT_IDX the driver only notifies past the available event the device
+            // publishes (virtio 1.x 2.7.10): the backend's last one is stale now, so the
+            // drain loop re-arms it as every device here does.
+            if let Err(e) = state.queues[queue].disable_notification(&state.mem) {
+                warn!("virtio-fs: cannot disable notifications: {e}");
             }
-            completed += 1;
+            let mut popped = 0;
+            while let Some(chain) = state.queues[queue].pop_descriptor_chain(&state.mem) {
+                popped += 1;
+                let head = chain.head_index();
+                let len = match read_chain(chain, QUEUE_SIZE) {
+                    Ok(descs) => error_reply(&descs, &state.mem).unwrap_or(0),
+                    Err(e) => {
+                        warn!("virtio-fs: bad request chain: {e}");
+                        0
+                    }
+                };
+                if let Err(e) = state.queues[queue].add_used(&state.mem, head, len) {
+                    error!("virtio-fs: cannot complete a request: {e}");
+                }
+            }
+            completed += popped;
+            if !rearm_notification(
+                &mut state.queues[queue],
+                &state.mem,
+                popped,
+                &mut empty_rounds,
+                "virtio-fs",
+            ) {
+                break;
+            }
         }
         if completed > 0 {
             state.notify_if_needed(queue);
@@ -393,7 +413,7 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
 
     use super::*;
     use crate::devices::virtio::device::test_utils::{DATA_START, MEM_SIZE};
@@ -602,6 +622,62 @@ mod tests {
         );
         assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), 0x77);
         assert!(h.irq.read().is_ok(), "the guest was interrupted");
+    }
+
+    /// Regression (seen in the guest: `sync` hung after the backend died): with EVENT_IDX
+    /// the device must publish a fresh available event after it answered, or the driver
+    /// never notifies the next request.
+    #[test]
+    fn failed_requests_rearm_the_available_event() {
+        let mem = shared_memory();
+        let (mut fake, stream) = FakeBackend::start();
+        let dev = Arc::new(Mutex::new(VirtioFs::new("t", stream).unwrap()));
+        let mut ev = Loop::new().unwrap();
+        ev.add_subscriber(dev.clone());
+        fake.hang_up();
+        run(&mut ev);
+        let qs = [
+            MockSplitQueue::create(&mem, GuestAddress(0), 64),
+            MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 64),
+        ];
+        let queues: Vec<Queue> = qs
+            .iter()
+            .map(|q| {
+                let mut q: Queue = q.create_queue().unwrap();
+                q.set_event_idx(true);
+                q
+            })
+            .collect();
+        dev.lock()
+            .unwrap()
+            .activate(Activation {
+                mem: mem.clone(),
+                queues,
+                interrupt: Arc::new(VirtioInterrupt::new(
+                    EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                )),
+                acked_features: VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+            })
+            .unwrap();
+        run(&mut ev);
+        for i in 0..3u16 {
+            qs[1]
+                .add_desc_chains(
+                    &[RawDescriptor::from(SplitDescriptor::new(
+                        DATA_START, 40, 0, 0,
+                    ))],
+                    i,
+                )
+                .unwrap();
+            dev.lock().unwrap().queue_events()[1].write(1).unwrap();
+            run(&mut ev);
+            assert_eq!(qs[1].used().idx().load(), i + 1);
+            // avail_event sits after the used ring's 64 entries (virtio 1.x 2.7.8).
+            let avail_event: u16 = mem
+                .read_obj(qs[1].used_addr().unchecked_add(4 + 8 * 64))
+                .unwrap();
+            assert_eq!(avail_event, i + 1, "the next request is notified");
+        }
     }
 
     #[test]
