@@ -51,6 +51,10 @@ pub enum ConfigError {
     TooManyIde(usize),
     #[error("The TAP device {0} is given to two NICs")]
     DuplicateTap(String),
+    #[error("The virtio-fs tag '{0}' is given to two shares")]
+    DuplicateFsTag(String),
+    #[error("The directory {path} of virtio-fs '{tag}' does not exist or is not a directory")]
+    FsDir { tag: String, path: PathBuf },
 }
 
 /// Where the guest's serial port goes.
@@ -419,6 +423,77 @@ impl FromStr for ConsoleConfig {
     }
 }
 
+/// Where a virtio-fs share comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FsSource {
+    /// A host directory, served by a virtiofsd the VMM starts (`path=DIR`).
+    Dir { path: PathBuf, readonly: bool },
+    /// The vhost-user socket of a virtiofsd the user runs (`socket=PATH`).
+    Socket(PathBuf),
+}
+
+/// A virtio-fs share given with `--fs tag=T,path=DIR[,readonly][,transport=pci|mmio]` or
+/// `--fs tag=T,socket=PATH[,transport=pci|mmio]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsConfig {
+    /// What the guest mounts: `mount -t virtiofs TAG /mnt`.
+    pub tag: String,
+    pub source: FsSource,
+    /// The virtio transport, when not the VM's default.
+    pub transport: Option<VirtioTransport>,
+}
+
+/// Longest virtio-fs tag (the configuration space's `tag[36]`).
+pub const FS_TAG_MAX: usize = 36;
+
+impl FromStr for FsConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const USAGE: &str = "expected tag=TAG,path=DIR[,readonly] or tag=TAG,socket=PATH, \
+             [,transport=pci|mmio]";
+        let (mut tag, mut path, mut socket, mut readonly, mut transport) =
+            (None, None, None, false, None);
+        for (key, value) in parse_options(s) {
+            match (key, value) {
+                ("tag", Some(t)) => tag = Some(t),
+                ("path", Some(p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                ("socket", Some(p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+                ("readonly" | "ro", None) => readonly = true,
+                ("transport", Some(t)) => transport = Some(t.parse()?),
+                (k, _) => return Err(format!("unknown fs option '{k}': {USAGE}")),
+            }
+        }
+        let tag = tag.ok_or_else(|| format!("a virtio-fs share needs a tag: {USAGE}"))?;
+        if tag.is_empty() || tag.len() > FS_TAG_MAX {
+            return Err(format!(
+                "virtio-fs tag '{tag}' must be 1 to {FS_TAG_MAX} bytes"
+            ));
+        }
+        let source = match (path, socket) {
+            (Some(path), None) => FsSource::Dir { path, readonly },
+            (None, Some(_)) if readonly => {
+                return Err(
+                    "readonly applies to path=DIR: a virtiofsd the user runs decides \
+                     itself (e.g. its --readonly)"
+                        .into(),
+                )
+            }
+            (None, Some(sock)) => FsSource::Socket(sock),
+            _ => {
+                return Err(format!(
+                    "a virtio-fs share needs one of path= or socket=: {USAGE}"
+                ))
+            }
+        };
+        Ok(FsConfig {
+            tag: tag.into(),
+            source,
+            transport,
+        })
+    }
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -449,6 +524,12 @@ pub struct VmConfig {
     /// The control socket (`--api-sock`).
     #[serde(default)]
     pub api_sock: Option<PathBuf>,
+    /// virtio-fs shares (`--fs`).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+    /// Guest RAM in a shared memfd even without a virtio-fs device (`--memory-shared`).
+    #[serde(default)]
+    pub memory_shared: bool,
 }
 
 impl VmConfig {
@@ -472,6 +553,8 @@ impl VmConfig {
             acpi: true,
             allow_emulated_kvm: false,
             api_sock: None,
+            fs: Vec::new(),
+            memory_shared: false,
         }
     }
 
@@ -479,6 +562,11 @@ impl VmConfig {
     /// not turn ACPI off.
     pub fn guest_uses_acpi(&self) -> bool {
         self.acpi && !cmdline_disables_acpi(&self.cmdline)
+    }
+
+    /// Whether guest RAM must be a shared memfd: a vhost-user backend maps it.
+    pub fn needs_shared_memory(&self) -> bool {
+        self.memory_shared || !self.fs.is_empty()
     }
 
     /// Guest memory in bytes.
@@ -538,6 +626,23 @@ impl VmConfig {
                     what: "disk image",
                     path: disk.path.clone(),
                 });
+            }
+        }
+        if self.fs.len() > MAX_DEVICES_PER_KIND {
+            return Err(ConfigError::TooMany("virtio-fs shares", self.fs.len()));
+        }
+        let mut tags = std::collections::HashSet::new();
+        for fs in &self.fs {
+            if !tags.insert(&fs.tag) {
+                return Err(ConfigError::DuplicateFsTag(fs.tag.clone()));
+            }
+            if let FsSource::Dir { path, .. } = &fs.source {
+                if !path.is_dir() {
+                    return Err(ConfigError::FsDir {
+                        tag: fs.tag.clone(),
+                        path: path.clone(),
+                    });
+                }
             }
         }
         let mut taps = std::collections::HashSet::new();

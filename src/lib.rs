@@ -25,6 +25,7 @@ pub mod check;
 pub mod config;
 pub mod crash;
 pub mod devices;
+pub mod exec;
 /// Fuzz targets and the bounded runner CI uses (tests and the `fuzzing` feature only).
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use ferrovm::config::{
-    ConsoleConfig, DiskConfig, NetConfig, SerialBackend, VirtioTransport, DEFAULT_CMDLINE,
+    ConsoleConfig, DiskConfig, FsConfig, NetConfig, SerialBackend, VirtioTransport, DEFAULT_CMDLINE,
 };
 use ferrovm::leftovers::Leftovers;
 use ferrovm::{terminal, Outcome, VmConfig, Vmm};
@@ -78,6 +78,71 @@ enum Command {
     PowerButton(ClientArgs),
     /// Stop the VM at once; its ferrovm exits with status 0.
     Shutdown(ClientArgs),
+    /// Boot a kernel on the host's own files and run one command in it.
+    ///
+    /// The guest's root is the host's / over virtio-fs, read-only, with tmpfs over /tmp,
+    /// /var/tmp, /run and $HOME; CMD runs in the current directory with the caller's
+    /// environment (less DISPLAY, SSH_*, DBUS_*, XDG_RUNTIME_DIR and the like). Its stdout and
+    /// stderr are ferrovm's, stdin is forwarded. Kernel messages are hidden unless --verbose.
+    ///
+    /// Exit status: CMD's (128+N when signal N killed it), 255 with a reason line when the
+    /// guest panicked or never ran CMD, 124 after --timeout, 1 when the VM cannot be built.
+    Exec(ExecArgs),
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// The kernel (bzImage or vmlinux; default: the project's, built by scripts/build-guest,
+    /// else /boot/vmlinuz-$(uname -r)). It needs virtio-fs: CONFIG_VIRTIO_FS and
+    /// CONFIG_FUSE_FS, with CONFIG_VIRTIO_CONSOLE and CONFIG_VIRTIO_PCI (built in or modules)
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Where the kernel's modules are (a directory with modules.dep; default: modules/
+    /// beside the kernel, else /lib/modules/RELEASE)
+    #[arg(long, value_name = "DIR")]
+    modules: Option<PathBuf>,
+
+    /// Number of vCPUs
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+
+    /// Guest memory in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    memory: u64,
+
+    /// An extra disk, as for `ferrovm run --disk`; repeatable
+    #[arg(long = "disk", value_name = "DISK")]
+    disks: Vec<DiskConfig>,
+
+    /// A NIC, as for `ferrovm run --net`; repeatable
+    #[arg(long = "net", value_name = "NIC")]
+    nets: Vec<NetConfig>,
+
+    /// A host directory the guest may write (its own virtio-fs share at the same path);
+    /// changes are on the host when ferrovm exits; repeatable
+    #[arg(long = "rw", value_name = "DIR")]
+    rw: Vec<PathBuf>,
+
+    /// Stop the VM after SECS seconds (exit status 124)
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+
+    /// Show the guest kernel's messages (on stderr)
+    #[arg(long)]
+    verbose: bool,
+
+    /// The virtio transport: pci or mmio
+    #[arg(long, value_name = "pci|mmio", default_value = "pci")]
+    virtio_transport: VirtioTransport,
+
+    /// Run without the seccomp filters (debugging)
+    #[arg(long)]
+    no_seccomp: bool,
+
+    /// The command and its arguments, after --
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<std::ffi::OsString>,
 }
 
 /// How a client subcommand finds its VM.
@@ -218,6 +283,18 @@ struct RunArgs {
     /// `ferrovm check`; scripts/kvm-sandbox gives a working KVM on such hosts)
     #[arg(long)]
     allow_emulated_kvm: bool,
+
+    /// A virtio-fs share the guest mounts with `mount -t virtiofs TAG DIR`:
+    /// tag=TAG,path=DIR[,readonly] starts a virtiofsd serving DIR (stopped with the VM),
+    /// tag=TAG,socket=PATH uses a virtiofsd you run; [,transport=pci|mmio]; repeatable.
+    /// Guest RAM is then a shared memfd
+    #[arg(long = "fs", value_name = "SHARE")]
+    fs: Vec<FsConfig>,
+
+    /// Back guest RAM with a shared memfd even without --fs (what vhost-user backends map;
+    /// QEMU's memory-backend-memfd,share=on, Cloud Hypervisor's --memory shared=on)
+    #[arg(long)]
+    memory_shared: bool,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -240,6 +317,8 @@ impl From<RunArgs> for VmConfig {
             acpi: !a.no_acpi,
             allow_emulated_kvm: a.allow_emulated_kvm,
             api_sock: a.api_sock,
+            fs: a.fs,
+            memory_shared: a.memory_shared,
         }
     }
 }
@@ -277,6 +356,34 @@ fn report_leftovers(at_start: &Leftovers) {
     }
 }
 
+/// `ferrovm exec`: CMD's status, or the VM's failure.
+fn exec(a: ExecArgs, at_start: &Leftovers) -> ExitCode {
+    let opts = ferrovm::exec::ExecOptions {
+        kernel: a.kernel,
+        modules: a.modules,
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        disks: a.disks,
+        nets: a.nets,
+        rw: a.rw,
+        timeout: a.timeout.map(std::time::Duration::from_secs),
+        verbose: a.verbose,
+        seccomp: !a.no_seccomp,
+        virtio_transport: a.virtio_transport,
+        command: a.command,
+    };
+    let result = ferrovm::exec::run(&opts);
+    report_leftovers(at_start);
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        // Not CMD's status: the guest never ran it (virtme-ng's 255).
+        Err(e) => {
+            print_error(&e);
+            ExitCode::from(ferrovm::exec::EXIT_GUEST_FAILED as u8)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Before anything is opened: fds the parent let us inherit are not ours to close.
     let at_start = Leftovers::of_this_process();
@@ -287,6 +394,7 @@ fn main() -> ExitCode {
 
     let vm = match Cli::parse().command {
         Command::Run(args) => Launch::Boot(Box::new(VmConfig::from(args))),
+        Command::Exec(a) => return exec(a, &at_start),
         Command::Restore { snapshot, api_sock } => Launch::Restore(snapshot, api_sock),
         Command::Info(c) => return client("info", &c.api_sock, None),
         Command::Pause(c) => return client("pause", &c.api_sock, None),

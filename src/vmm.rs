@@ -22,6 +22,7 @@ use crate::arch::x86_64::layout::{COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT};
 use crate::arch::x86_64::mptable::{setup_mptable, MptableError};
 use crate::check::CheckError;
 use crate::config::{ConfigError, DeviceModel, SerialBackend, VmConfig};
+use crate::config::{FsConfig, FsSource};
 use crate::crash::symbols::SymbolError;
 use crate::crash::{ConsoleTail, CrashReport, SymbolSource};
 use crate::devices::disk::{DiskError, RawFile};
@@ -33,16 +34,20 @@ use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::metrics::MetricsRegistry;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::console::ConsoleError;
+use crate::devices::virtio::fs::FsError;
 use crate::devices::virtio::guest_write::{guard_mode, GuardMode, WRITE_GUARD_ENV};
 use crate::devices::virtio::net::{default_mac, open_taps, NetError, VirtioNet};
-use crate::devices::virtio::{VirtioBlock, VirtioConsole};
+use crate::devices::virtio::ports::VirtioPorts;
+use crate::devices::virtio::{VirtioBlock, VirtioConsole, VirtioFs};
+use crate::devices::virtiofsd::{self, Virtiofsd, VirtiofsdError};
 use crate::devices::{Bus, DeviceEventManager, Persist};
 use crate::persist::{PersistError, Snapshot};
 use crate::seccomp::{SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::memory::{
-    create_guest_memory, map_snapshot_memory, GuestMemoryMmap, MemoryError, SnapshotMemoryError,
+    create_guest_memory_with, map_snapshot_memory, GuestMemoryMmap, MemoryBacking, MemoryError,
+    SnapshotMemoryError,
 };
 use crate::vstate::vcpu::{
     register_kick_handler, GuestExit, Vcpu, VcpuError, VcpuHandle, VmRunState,
@@ -109,6 +114,10 @@ pub enum VmmError {
     Seccomp(#[from] SeccompError),
     #[error(transparent)]
     Symbols(#[from] SymbolError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(transparent)]
+    Virtiofsd(#[from] VirtiofsdError),
     #[error("Failed to open the serial output file {path}")]
     SerialFile {
         path: std::path::PathBuf,
@@ -159,6 +168,8 @@ pub enum ExitReason {
     Requested,
     /// The VM moved on (live migration): this process's part is done.
     Migrated,
+    /// The time limit the caller set (`VmExtras::timeout`) ran out.
+    TimedOut,
 }
 
 impl ExitReason {
@@ -170,6 +181,8 @@ impl ExitReason {
             Self::Guest(_) => 1,
             Self::Signal(n) => 128 + n,
             Self::Requested | Self::Migrated => 0,
+            // timeout(1)'s status.
+            Self::TimedOut => 124,
         }
     }
 }
@@ -189,6 +202,7 @@ impl std::fmt::Display for ExitReason {
             Self::Signal(n) => write!(f, "stopped by signal {}", signal_name(*n)),
             Self::Requested => write!(f, "stopped through the control socket"),
             Self::Migrated => write!(f, "the VM migrated to another process"),
+            Self::TimedOut => write!(f, "stopped at the time limit"),
         }
     }
 }
@@ -229,6 +243,18 @@ fn signal_name(n: i32) -> String {
     }
 }
 
+/// What a caller wires in besides what the configuration names (`ferrovm exec`: its
+/// channels and where the console's output goes).
+#[derive(Default)]
+pub struct VmExtras {
+    /// Takes the place of the `--serial` backend's writer for ttyS0's output.
+    pub serial_out: Option<Box<dyn Write + Send>>,
+    /// A multiport virtio-console, on the default virtio transport.
+    pub ports: Option<VirtioPorts>,
+    /// The VM is stopped after this long (`ExitReason::TimedOut`).
+    pub timeout: Option<Duration>,
+}
+
 /// A VM ready to run.
 pub struct Vmm {
     // Declared before `mem` so vCPUs and the VM go away before the memory they map.
@@ -259,6 +285,12 @@ pub struct Vmm {
     /// The last lines of ttyS0 and hvc0, and the kernel's symbols, for a crash report.
     console_tails: Vec<(String, Arc<ConsoleTail>)>,
     symbols: Option<SymbolSource>,
+    /// The multiport console, drained once the vCPUs stopped.
+    ports: Option<Arc<Mutex<VirtioPorts>>>,
+    /// When the VM is stopped (`VmExtras::timeout`), counted from `run`.
+    timeout: Option<Duration>,
+    /// Last, so they are reaped after the devices closed their sockets.
+    _fs_daemons: Vec<Virtiofsd>,
 }
 
 /// Where a VM's state comes from.
@@ -272,6 +304,11 @@ enum Source {
 impl Vmm {
     /// Validates `cfg` and builds the whole VM; nothing runs yet.
     pub fn build(cfg: &VmConfig) -> Result<Self, VmmError> {
+        Self::build_with(cfg, VmExtras::default())
+    }
+
+    /// The same with `extras` wired in too.
+    pub fn build_with(cfg: &VmConfig, extras: VmExtras) -> Result<Self, VmmError> {
         cfg.validate()?;
         if guard_mode() != GuardMode::Off {
             info!("Guest memory write guard on ({WRITE_GUARD_ENV}=1): every device write is checked against the guest's descriptors");
@@ -282,7 +319,7 @@ impl Vmm {
         let boot_plan = plan_boot(&cfg.kernel, cfg.initrd.as_deref(), cfg.mem_bytes())?;
         // Opened now, read only if the guest crashes (no thread may open files later).
         let symbols = SymbolSource::find(&cfg.kernel, cfg.system_map.as_deref())?;
-        Self::assemble(cfg, Source::Boot(boot_plan), symbols)
+        Self::assemble(cfg, Source::Boot(boot_plan), symbols, extras)
     }
 
     /// Builds the VM a snapshot directory describes, in the state it was taken in; nothing
@@ -302,6 +339,7 @@ impl Vmm {
             &cfg,
             Source::Snapshot(Box::new(snap), dir.to_path_buf()),
             symbols,
+            VmExtras::default(),
         )
     }
 
@@ -309,6 +347,7 @@ impl Vmm {
         cfg: &VmConfig,
         source: Source,
         symbols: Option<SymbolSource>,
+        extras: VmExtras,
     ) -> Result<Self, VmmError> {
         let restoring = matches!(source, Source::Snapshot(..));
         let open = |b: &SerialBackend| open_serial_backend(b, restoring);
@@ -319,7 +358,7 @@ impl Vmm {
             tail.writer(out)
         };
         let (serial_out, serial_wants_stdin) = open(&cfg.serial)?;
-        let serial_out = keep_tail("ttyS0", serial_out);
+        let serial_out = keep_tail("ttyS0", extras.serial_out.unwrap_or(serial_out));
         let serial2 = cfg.serial2.as_ref().map(open).transpose()?;
         let console = match &cfg.console {
             Some(c) => {
@@ -350,9 +389,19 @@ impl Vmm {
                 })?;
         }
 
+        // The virtio-fs backends are started (and reached) before KVM is touched too.
+        let (fs_daemons, fs_streams) = start_fs_backends(&cfg.fs)?;
+
         // Memory first: a host that cannot give it is told so whether or not KVM is there.
         let mem = match &source {
-            Source::Boot(_) => create_guest_memory(cfg.mem_bytes())?,
+            Source::Boot(_) => {
+                let backing = if cfg.needs_shared_memory() {
+                    MemoryBacking::Shared
+                } else {
+                    MemoryBacking::Private
+                };
+                create_guest_memory_with(cfg.mem_bytes(), backing)?
+            }
             Source::Snapshot(snap, dir) => {
                 let file = crate::persist::open_memory(dir, &snap.memory)?;
                 let regions: Vec<_> = snap
@@ -416,6 +465,31 @@ impl Vmm {
                 transport,
                 "hvc0",
                 "virtio console (hvc0)",
+            )?;
+        }
+        let ports = match extras.ports {
+            Some(dev) => Some(devices.attach_virtio(
+                &vm,
+                &mem,
+                &mut event_manager,
+                dev,
+                cfg.virtio_transport,
+                "vport0",
+                "virtio console ports (vport0pN)",
+            )?),
+            None => None,
+        };
+        for (i, (fs, stream)) in cfg.fs.iter().zip(fs_streams).enumerate() {
+            let dev = VirtioFs::new(&fs.tag, stream)?;
+            let what = format!("virtio-fs '{}'", fs.tag);
+            devices.attach_virtio(
+                &vm,
+                &mem,
+                &mut event_manager,
+                dev,
+                fs.transport.unwrap_or(cfg.virtio_transport),
+                &format!("fs{i}"),
+                &what,
             )?;
         }
         let reset_evt = devices.attach_i8042()?;
@@ -552,6 +626,9 @@ impl Vmm {
             restored_from,
             console_tails,
             symbols,
+            ports,
+            timeout: extras.timeout,
+            _fs_daemons: fs_daemons,
         })
     }
 
@@ -656,6 +733,13 @@ impl Vmm {
         for h in handles {
             h.join();
         }
+        // What the guest wrote to a port before it stopped reaches its host side.
+        if let Some(ports) = &self.ports {
+            ports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain_output();
+        }
         let crash_report = match &result {
             Ok(ExitReason::Guest(exit)) if !exit.is_clean() => Some(self.crash_report(exit)),
             _ => None,
@@ -712,6 +796,7 @@ impl Vmm {
         api: Option<&std::sync::mpsc::Receiver<Pending>>,
     ) -> Result<ExitReason, VmmError> {
         let mut last_poll = Instant::now();
+        let deadline = self.timeout.map(|t| Instant::now() + t);
         // Whether the guest has ever had interrupt routing in place (see `classify_exit`).
         let mut interrupts_were_live = false;
         loop {
@@ -743,6 +828,10 @@ impl Vmm {
                 let live_now = self.vm.ioapic_routes_live()?;
                 let exit = classify_exit(exit, interrupts_were_live || live_now, live_now);
                 return Ok(ExitReason::Guest(exit));
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                info!("The time limit ran out, stopping the VM");
+                return Ok(ExitReason::TimedOut);
             }
             if self.run_state.paused() {
                 // Parked vCPUs need no kick, and a paused guest is not halting.
@@ -801,6 +890,38 @@ fn restore_devices(
         dev.lock().unwrap_or_else(|p| p.into_inner()).kick();
     }
     Ok(())
+}
+
+/// Starts a virtiofsd per `path=` share and connects to every share's socket; returns the
+/// daemons (reaped when dropped) and the connected sockets, in `fs` order.
+fn start_fs_backends(
+    fs: &[FsConfig],
+) -> Result<(Vec<Virtiofsd>, Vec<std::os::unix::net::UnixStream>), VmmError> {
+    let mut daemons = Vec::new();
+    let mut streams = Vec::new();
+    let mut binary = None;
+    for share in fs {
+        match &share.source {
+            FsSource::Dir { path, readonly } => {
+                if binary.is_none() {
+                    binary = Some(virtiofsd::Binary::find()?);
+                }
+                let bin = binary.as_ref().expect("found above");
+                let (daemon, stream) = Virtiofsd::start(bin, &share.tag, path, *readonly)?;
+                daemons.push(daemon);
+                streams.push(stream);
+            }
+            FsSource::Socket(path) => {
+                streams.push(virtiofsd::connect(
+                    path,
+                    &share.tag,
+                    virtiofsd::READY_TIMEOUT,
+                    || None,
+                )?);
+            }
+        }
+    }
+    Ok((daemons, streams))
 }
 
 /// The id a disk reports when none is given: its file name, cut to what virtio-blk carries.

@@ -726,8 +726,93 @@ class Stream(VmClass):
                 "guest_seconds": t1 - t0}
 
 
+# ---------------------------------------------------------------------------------------
+# Exec: ferrovm exec against virtme-ng (vng), both booting the project's kernel on the
+# host's files and running one command.
+# ---------------------------------------------------------------------------------------
+# A few thousand files every Debian machine with the build packages has.
+EXEC_TREE = os.environ.get("FERROVM_BENCH_EXEC_TREE",
+                           "/usr/lib/python3.11 /usr/include/linux /usr/include/c++")
+EXEC_HASH = f"find {EXEC_TREE} -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum"
+
+
+class Exec:
+    """Wall time of one command run in a fresh VM on the host's files: `true` (the cost of
+    the loop itself) and hashing a source tree of a few thousand files (virtio-fs, or
+    whatever vng shares the root with), for ferrovm exec and virtme-ng on QEMU, the same
+    kernel, alternating runs (median of --repeat, default 5)."""
+
+    name = "exec"
+    FIGURES = [("true_s", "exec -- true", "s", "lower"),
+               ("hash_s", "exec -- hash a source tree", "s", "lower")]
+    SUBJECTS = [{"name": "ferrovm-exec", "label": "ferrovm exec", "kind": "ferrovm",
+                 "model": "exec", "peer": "vng"},
+                {"name": "vng", "label": "virtme-ng (vng -r, QEMU)", "kind": "qemu",
+                 "model": "exec"}]
+
+    def __init__(self, art, args, p):
+        self.art, self.p = art, p
+        self.kernel = os.environ.get("FERROVM_BENCH_EXEC_KERNEL", art["bzimage"])
+        self.cpus = str(getattr(args, "cpus", None) or 1)
+        self.expected = None
+
+    def setup(self):
+        # The reference hash, computed on the host: every VM must print the same.
+        self.expected = sh("sh", "-c", EXEC_HASH).split()[0]
+
+    def teardown(self):
+        pass
+
+    def estimate(self, subject):
+        return 2 * (40 if os.environ.get("FERROVM_SANDBOX_MODE") == "nested" or not kvm_hw() else 3)
+
+    def describe(self):
+        return (f"kernel {self.kernel}, {self.cpus} vCPU(s); `true`, then `{EXEC_HASH}` "
+                f"({EXEC_TREE}); wall time of the whole command, VM start to exit.")
+
+    def figures_of(self, subject):
+        return self.FIGURES
+
+    def command(self, subject, argv):
+        if subject["name"] == "ferrovm-exec":
+            return [vms.FERROVM, "exec", "--kernel", self.kernel, "--cpus", self.cpus,
+                    "--timeout", str(self.p["vm_timeout"]), "--"] + argv
+        vng = shutil.which("vng")
+        if not vng:
+            raise Unavailable("virtme-ng is not installed (pip install virtme-ng)")
+        return [vng, "-r", self.kernel, "--cpus", self.cpus, "--"] + argv
+
+    def timed(self, subject, argv):
+        cmd = self.command(subject, argv)
+        env = dict(os.environ)
+        if subject["name"] == "vng" and os.path.isdir("/dev/shm"):
+            # vng puts virtiofsd's socket in TMPDIR; the sandbox's /tmp (9p) takes none.
+            env["TMPDIR"] = "/dev/shm"
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=self.p["vm_timeout"], env=env)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"{' '.join(cmd)} timed out")
+        secs = time.monotonic() - start
+        if proc.returncode != 0:
+            raise GuestError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
+                             f"{proc.stderr.decode(errors='replace')[-2000:]}")
+        return secs, proc.stdout.decode(errors="replace")
+
+    def run(self, subject):
+        true_s, _ = self.timed(subject, ["true"])
+        hash_s, out = self.timed(subject, ["sh", "-c", EXEC_HASH])
+        got = out.split()[0] if out.split() else ""
+        if got != self.expected:
+            raise GuestError(f"{subject['name']}: the tree hashed to {got!r}, the host says "
+                             f"{self.expected!r}")
+        log(f"exec: {subject['name']}: true {true_s:.2f} s, hash {hash_s:.2f} s")
+        return {"figures": {"true_s": true_s, "hash_s": hash_s}}
+
+
 def vcpus(n):
     return f"{n} vCPU" + ("s" if n != 1 else "")
 
 
-CLASSES = {"boot": Boot, "block": Block, "net": Net, "stream": Stream}
+CLASSES = {"boot": Boot, "block": Block, "net": Net, "stream": Stream, "exec": Exec}

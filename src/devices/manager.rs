@@ -454,8 +454,12 @@ impl DeviceManager {
             1 => ("virtio-net", "net"),
             2 => ("virtio-blk", "block"),
             3 => ("virtio-console", "stream"),
+            26 => ("virtio-fs", "fs"),
             _ => ("virtio", "other"),
         };
+        if let Some(why) = device.persist_refusal() {
+            self.no_persist.push(format!("{what}: {why}"));
+        }
         let device = Arc::new(Mutex::new(device));
         let metrics = match transport {
             VirtioTransport::Pci => {

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod pci;
 pub mod tap;
 pub mod virtio;
+pub mod virtiofsd;
 
 pub use bus::{Bus, BusDevice, BusError};
 

@@ -97,6 +97,11 @@ const MAIN: &[i64] = &[
     libc::SYS_getdents64,
     libc::SYS_newfstatat,
     libc::SYS_readlink,
+    // vhost-user (virtio-fs): messages with their fds (SCM_RIGHTS) on the backend socket.
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    // Reaping the virtiofsd this VMM started (`Child::try_wait`, `Child::wait`).
+    libc::SYS_wait4,
 ];
 
 /// A vCPU runs the guest and the device models it exits into: port and MMIO handlers
@@ -172,6 +177,11 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
     match kind {
         ThreadKind::Main => {
             kill_signals.push(crate::vstate::vcpu::kick_signal() as u64);
+            // A virtiofsd that outlives its socket is killed (`Child::kill`): SIGKILL only.
+            rules.insert(
+                libc::SYS_kill,
+                vec![rule(&[(1, SeccompCmpOp::Eq, libc::SIGKILL as u64)])?],
+            );
             // The IOAPIC state tells an orderly reboot from a panic.
             ioctls.extend([
                 KVM_GET_IRQCHIP(),

@@ -1,7 +1,12 @@
-//! Guest memory: anonymous host mappings laid out around the 32-bit MMIO gap.
+//! Guest memory: host mappings laid out around the 32-bit MMIO gap, either anonymous and
+//! private (the default) or one memfd mapped shared, which another process (a vhost-user
+//! backend such as virtiofsd) can map too.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
@@ -25,6 +30,23 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("Failed to create a memfd for {mib} MiB of shared guest memory")]
+    Memfd {
+        mib: u64,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How guest RAM is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryBacking {
+    /// Anonymous private memory: only this process sees it.
+    #[default]
+    Private,
+    /// One memfd mapped `MAP_SHARED`: what vhost-user backends map (the memfd goes to them in
+    /// `VHOST_USER_SET_MEM_TABLE`), as QEMU's `memory-backend-memfd,share=on` does.
+    Shared,
 }
 
 /// The guest-physical RAM ranges for `size` bytes of memory: everything below the MMIO gap,
@@ -42,10 +64,64 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 
 /// Maps `size` bytes of anonymous, private guest memory.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_ranges(size)).map_err(|source| MemoryError::Map {
-        mib: size >> 20,
-        source,
-    })
+    create_guest_memory_with(size, MemoryBacking::Private)
+}
+
+/// Maps `size` bytes of guest memory backed as `backing` says. Shared memory is one memfd
+/// of `size` bytes: the range below the MMIO gap at offset 0, the rest at the offset where
+/// the first ends, so each guest byte has one place in the file (`guest_memfd` returns it).
+pub fn create_guest_memory_with(
+    size: u64,
+    backing: MemoryBacking,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let mib = size >> 20;
+    let ranges = ram_ranges(size);
+    let files: Vec<Option<FileOffset>> = match backing {
+        MemoryBacking::Private => vec![None; ranges.len()],
+        MemoryBacking::Shared => {
+            let memfd = create_memfd(size).map_err(|source| MemoryError::Memfd { mib, source })?;
+            let mut offset = 0u64;
+            let mut files = Vec::with_capacity(ranges.len());
+            for (_, len) in &ranges {
+                let f = memfd
+                    .try_clone()
+                    .map_err(|source| MemoryError::Memfd { mib, source })?;
+                files.push(Some(FileOffset::new(f, offset)));
+                offset += *len as u64;
+            }
+            files
+        }
+    };
+    GuestMemoryMmap::from_ranges_with_files(
+        ranges
+            .into_iter()
+            .zip(files)
+            .map(|((addr, len), file)| (addr, len, file)),
+    )
+    .map_err(|source| MemoryError::Map { mib, source })
+}
+
+/// A memfd of `size` bytes, close-on-exec; its pages are allocated as the guest touches them.
+fn create_memfd(size: u64) -> std::io::Result<File> {
+    // SAFETY: the name is a NUL-terminated string that outlives the call; the flags are
+    // valid; the return value is checked before it is used as an fd.
+    let fd = unsafe { libc::memfd_create(c"ferrovm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create just returned this fd, which nothing else owns.
+    let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(size)?;
+    Ok(file)
+}
+
+/// The memfd behind shared guest memory (None for private memory): what a vhost-user
+/// backend maps, and what a migration would hand over.
+pub fn guest_memfd(mem: &GuestMemoryMmap) -> Option<&File> {
+    mem.iter()
+        .next()
+        .and_then(|r| r.file_offset())
+        .map(|f| f.file())
 }
 
 /// Maps a snapshot's memory file copy-on-write (`MAP_PRIVATE`): each region `(guest
@@ -134,6 +210,41 @@ mod tests {
         assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
         let total: usize = r.iter().map(|(_, l)| l).sum();
         assert_eq!(total as u64, size);
+    }
+
+    #[test]
+    fn shared_memory_is_one_memfd_seen_through_every_mapping() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        let size = MMIO_GAP_START + (16 << 20);
+        let mem = create_guest_memory_with(size, MemoryBacking::Shared).unwrap();
+        let memfd = guest_memfd(&mem).expect("a memfd");
+        assert_eq!(memfd.metadata().unwrap().len(), size);
+        // Every region maps the same file, one after the other.
+        let offsets: Vec<u64> = mem
+            .iter()
+            .map(|r| r.file_offset().unwrap().start())
+            .collect();
+        assert_eq!(offsets, vec![0, MMIO_GAP_START]);
+        // A guest write is in the file (MAP_SHARED), at its place: above 4 GiB the file
+        // continues where the low range ends.
+        mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0xdead_beefu32, GuestAddress(MMIO_GAP_END + 8))
+            .unwrap();
+        let mut b = [0u8; 4];
+        memfd.read_exact_at(&mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0x1234_5678);
+        memfd.read_exact_at(&mut b, MMIO_GAP_START + 8).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        // And a write to the file (what the backend does) is what the guest reads.
+        memfd.write_all_at(&7u32.to_le_bytes(), 0x2000).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 7);
+    }
+
+    #[test]
+    fn private_memory_has_no_memfd() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        assert!(guest_memfd(&mem).is_none());
     }
 
     #[test]

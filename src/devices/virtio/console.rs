@@ -218,7 +218,11 @@ impl VirtioConsole {
 }
 
 /// Copies the device-readable buffers of a chain; device-writable ones are an error.
-fn gather(descs: &[Descriptor], mem: &GuestMemoryMmap, out: &mut Vec<u8>) -> Result<(), String> {
+pub(crate) fn gather(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
     let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
     if total > TX_CHAIN_MAX {
         return Err(format!("{total} bytes in one chain"));
@@ -236,7 +240,7 @@ fn gather(descs: &[Descriptor], mem: &GuestMemoryMmap, out: &mut Vec<u8>) -> Res
 }
 
 /// Copies `data` into a chain's buffers; returns how many bytes landed.
-fn scatter(descs: &[Descriptor], dst: &ChainWriter, mut data: &[u8]) -> usize {
+pub(crate) fn scatter(descs: &[Descriptor], dst: &ChainWriter, mut data: &[u8]) -> usize {
     let mut written = 0;
     for d in descs {
         if data.is_empty() {

@@ -71,6 +71,10 @@ pub trait VirtioDevice: Send {
     /// Finishes the requests the device has in flight (handed to I/O threads) before a
     /// snapshot; the default has none.
     fn quiesce(&mut self) {}
+    /// Why the device's state cannot go into a snapshot or a migration, when it cannot.
+    fn persist_refusal(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Everything a device receives when the driver sets DRIVER_OK.
