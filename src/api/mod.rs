@@ -400,7 +400,14 @@ mod tests {
         let (mut server, rx, wake) = ApiSocket::bind(&path).unwrap().start().unwrap();
         let answer = std::thread::spawn(move || {
             let (cmd, reply) = rx.recv().unwrap();
-            assert_eq!(wake.read().unwrap(), 1);
+            // The wakeup is written just after the command is queued: wait for it.
+            let woken = (0..200).any(|_| {
+                wake.read().is_ok() || {
+                    std::thread::sleep(Duration::from_millis(5));
+                    false
+                }
+            });
+            assert!(woken, "the event loop is woken for a queued command");
             reply
                 .send(Reply::ok(json!({ "got": format!("{cmd:?}") })))
                 .unwrap();
