@@ -30,6 +30,7 @@ pub mod exec;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod leftovers;
+pub mod migration;
 pub mod persist;
 pub mod seccomp;
 pub mod terminal;

@@ -72,6 +72,11 @@ enum Command {
         /// Where the snapshot goes
         dir: PathBuf,
     },
+    /// Move the running VM live to a ferrovm waiting with `run --incoming ADDR`: memory is
+    /// copied while the guest runs, then the guest stops for the last part (the downtime)
+    /// and continues there; this VM's ferrovm then exits 0. Prints each pass on stderr and a
+    /// summary line; exit status 0 when the VM moved, 1 when it stayed (it runs on here).
+    Migrate(MigrateArgs),
     /// Print the VM's device counters (the --metrics report, JSON).
     Metrics(ClientArgs),
     /// Press the VM's ACPI power button (the guest decides what to do).
@@ -145,6 +150,106 @@ struct ExecArgs {
     command: Vec<std::ffi::OsString>,
 }
 
+#[derive(Args)]
+struct MigrateArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Where the destination waits: unix:PATH or tcp:HOST:PORT
+    #[arg(long, value_name = "ADDR")]
+    to: String,
+    /// Same host: hand guest memory (needs --memory-shared) and the TAPs over by fd
+    /// instead of copying (unix: only)
+    #[arg(long)]
+    local: bool,
+    /// The longest downtime to aim for, in ms
+    #[arg(long, value_name = "MS", default_value_t = ferrovm::migration::DEFAULT_DOWNTIME_MS)]
+    downtime_ms: u64,
+    /// Switch over after this many passes over memory whatever the estimate
+    #[arg(long, value_name = "N", default_value_t = ferrovm::migration::DEFAULT_MAX_PASSES)]
+    max_passes: u32,
+    /// Switch over after this many seconds of copying whatever the estimate
+    #[arg(long, value_name = "SECS", default_value_t = ferrovm::migration::DEFAULT_TIMEOUT_S)]
+    timeout: u64,
+    /// Print the progress lines and the summary as JSON on stdout (one object per line)
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `ferrovm migrate`: the request, the progress, the summary.
+fn migrate(a: MigrateArgs) -> ExitCode {
+    let to = match ferrovm::migration::resolve(&a.to) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ferrovm: error: invalid value for '--to <ADDR>': {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let params = ferrovm::migration::MigrateParams {
+        to,
+        local: a.local,
+        downtime_ms: a.downtime_ms,
+        max_passes: a.max_passes,
+        timeout_s: a.timeout,
+    };
+    if let Err(e) = params.validate() {
+        eprintln!("ferrovm: error: {e}");
+        return ExitCode::from(2);
+    }
+    let json = a.json;
+    let shown = |v: &serde_json::Value| {
+        if json {
+            println!("{v}");
+            return;
+        }
+        let f = |k: &str| v[k].clone();
+        match v["event"].as_str() {
+            Some("connected") => eprintln!("ferrovm: migrate: connected to {}", f("to")),
+            Some("pass") => eprintln!(
+                "ferrovm: migrate: pass {}: {} MiB sent ({} MiB in all), {} MiB dirtied \
+                 ({} MiB/s), link {} MiB/s, estimated downtime {} ms",
+                f("pass"),
+                f("sent_mib"),
+                f("total_sent_mib"),
+                f("dirty_mib"),
+                f("dirty_rate_mib_s"),
+                f("bandwidth_mib_s"),
+                f("estimated_downtime_ms")
+            ),
+            _ => {}
+        }
+    };
+    match ferrovm::api::client::migrate(&a.client.api_sock, &params, shown) {
+        Ok(Ok(last)) if last["event"] == "completed" => {
+            if !json {
+                eprintln!(
+                    "ferrovm: migrated to {} in {} ms: {} passes, {} MiB sent, downtime {} ms",
+                    last["to"].as_str().unwrap_or("?"),
+                    last["total_ms"],
+                    last["passes"],
+                    last["sent_mib"],
+                    last["downtime_ms"]
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(last)) => {
+            eprintln!(
+                "ferrovm: error: migration failed, the VM runs on here: {}",
+                last["error"].as_str().unwrap_or("(no reason given)")
+            );
+            ExitCode::FAILURE
+        }
+        Ok(Err((status, msg))) => {
+            eprintln!("ferrovm: error: migrate failed ({status}): {msg}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// How a client subcommand finds its VM.
 #[derive(Args)]
 struct ClientArgs {
@@ -184,8 +289,22 @@ fn client(op: &str, sock: &std::path::Path, dir: Option<&std::path::Path>) -> Ex
 struct RunArgs {
     /// Guest kernel: an uncompressed ELF vmlinux (booted through PVH when it has the PVH
     /// note, else the 64-bit boot protocol) or a bzImage (boot protocol 2.12+)
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "incoming")]
+    kernel: Option<PathBuf>,
+
+    /// Wait for a live migration on unix:PATH or tcp:HOST:PORT and run the VM it brings
+    /// (its whole configuration comes from the source; only --api-sock, --metrics,
+    /// --no-seccomp and --allow-emulated-kvm may be given with it)
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with_all = [
+            "kernel", "initrd", "cmdline", "cpus", "memory", "serial", "disks", "nets",
+            "console", "serial2", "system_map", "virtio_transport", "no_acpi", "fs",
+            "memory_shared",
+        ]
+    )]
+    incoming: Option<String>,
 
     /// Initramfs (cpio archive, optionally compressed) handed to the kernel
     #[arg(long, value_name = "PATH")]
@@ -300,7 +419,7 @@ struct RunArgs {
 impl From<RunArgs> for VmConfig {
     fn from(a: RunArgs) -> Self {
         VmConfig {
-            kernel: a.kernel,
+            kernel: a.kernel.unwrap_or_default(),
             initrd: a.initrd,
             cmdline: a.cmdline,
             vcpus: a.cpus,
@@ -327,6 +446,7 @@ impl From<RunArgs> for VmConfig {
 enum Launch {
     Boot(Box<VmConfig>),
     Restore(PathBuf, Option<PathBuf>),
+    Incoming(ferrovm::migration::Address, ferrovm::vmm::IncomingOptions),
 }
 
 /// Prints an error and its causes on one line, each cause once.
@@ -393,7 +513,23 @@ fn main() -> ExitCode {
     terminal::install_panic_restore();
 
     let vm = match Cli::parse().command {
-        Command::Run(args) => Launch::Boot(Box::new(VmConfig::from(args))),
+        Command::Run(args) => match args.incoming.as_deref().map(str::parse) {
+            Some(Ok(addr)) => Launch::Incoming(
+                addr,
+                ferrovm::vmm::IncomingOptions {
+                    api_sock: args.api_sock,
+                    metrics: args.metrics,
+                    seccomp: !args.no_seccomp,
+                    allow_emulated_kvm: args.allow_emulated_kvm,
+                },
+            ),
+            Some(Err(e)) => {
+                eprintln!("ferrovm: error: invalid value for '--incoming <ADDR>': {e}");
+                return ExitCode::from(2);
+            }
+            None => Launch::Boot(Box::new(VmConfig::from(args))),
+        },
+        Command::Migrate(m) => return migrate(m),
         Command::Exec(a) => return exec(a, &at_start),
         Command::Restore { snapshot, api_sock } => Launch::Restore(snapshot, api_sock),
         Command::Info(c) => return client("info", &c.api_sock, None),
@@ -420,6 +556,7 @@ fn main() -> ExitCode {
     let result = match vm {
         Launch::Boot(cfg) => Vmm::build(&cfg),
         Launch::Restore(dir, sock) => Vmm::restore(&dir, sock),
+        Launch::Incoming(addr, local) => Vmm::incoming(&addr, local),
     }
     .and_then(Vmm::run);
     // The VMM is gone (run consumes it): every device thread should be joined and every

@@ -32,6 +32,7 @@ use crate::devices::legacy::AcpiPm;
 use crate::devices::legacy::SerialInputHandler;
 use crate::devices::manager::{DeviceError, DeviceManager};
 use crate::devices::metrics::MetricsRegistry;
+use crate::devices::tap::Tap;
 use crate::devices::virtio::block::BlockError;
 use crate::devices::virtio::console::ConsoleError;
 use crate::devices::virtio::fs::FsError;
@@ -56,6 +57,7 @@ use crate::vstate::vcpu_state::VcpuStateError;
 use crate::vstate::vm::{KvmVm, VmError};
 
 mod control;
+mod migrate;
 
 /// How often the event loop checks for a powered-off guest (all vCPUs halted for good).
 const HALT_POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -156,6 +158,10 @@ pub enum VmmError {
     DeviceState { device: String, why: String },
     #[error("The snapshot's {what} does not match the VM it describes: {why}")]
     SnapshotMismatch { what: &'static str, why: String },
+    #[error(transparent)]
+    Migration(#[from] crate::migration::MigrationError),
+    #[error("Failed to {0}")]
+    Host(&'static str, #[source] std::io::Error),
 }
 
 /// Why the VM ended.
@@ -289,8 +295,28 @@ pub struct Vmm {
     ports: Option<Arc<Mutex<VirtioPorts>>>,
     /// When the VM is stopped (`VmExtras::timeout`), counted from `run`.
     timeout: Option<Duration>,
+    /// A second handle on each NIC's TAP (by NIC name), and on each writable disk: what a
+    /// migration lets go of (`migrate`).
+    taps: Vec<(String, Tap)>,
+    disk_files: Vec<(PathBuf, std::fs::File)>,
+    /// Guest memory is one memfd mapped shared (what local migration hands over).
+    mem_shared: bool,
+    /// The migration thread (a VM with a control socket), and the running migration.
+    migration: Option<crate::migration::send::Worker>,
+    migrating: Option<migrate::Running>,
+    /// A migrated-in VM announces its NICs' MACs once it runs.
+    announce_on_resume: bool,
     /// Last, so they are reaped after the devices closed their sockets.
     _fs_daemons: Vec<Virtiofsd>,
+}
+
+/// What the destination of a migration takes from its own command line.
+#[derive(Debug, Default)]
+pub struct IncomingOptions {
+    pub api_sock: Option<PathBuf>,
+    pub metrics: Option<PathBuf>,
+    pub seccomp: bool,
+    pub allow_emulated_kvm: bool,
 }
 
 /// Where a VM's state comes from.
@@ -299,6 +325,13 @@ enum Source {
     Boot(crate::arch::x86_64::boot::BootPlan),
     /// A snapshot directory.
     Snapshot(Box<Snapshot>, PathBuf),
+    /// A migration's destination: the state, the memory as received, and in local mode
+    /// the TAPs handed over (by NIC name).
+    Incoming(
+        Box<Snapshot>,
+        GuestMemoryMmap,
+        Vec<(String, std::os::fd::OwnedFd)>,
+    ),
 }
 
 impl Vmm {
@@ -343,13 +376,74 @@ impl Vmm {
         )
     }
 
+    /// Waits for a migration on `addr` and builds the VM it brings, in the state the source
+    /// paused it in; nothing runs yet. The configuration comes from the source; `local`
+    /// gives what belongs to this host (the control socket, the metrics file, seccomp, the
+    /// emulated-KVM override). The source hears the outcome: it exits once told the VM is
+    /// built here, and resumes its own otherwise.
+    pub fn incoming(
+        addr: &crate::migration::Address,
+        local: IncomingOptions,
+    ) -> Result<Self, VmmError> {
+        use crate::migration::receive;
+        let receive::Incoming {
+            mut conn,
+            snapshot,
+            mem,
+            taps,
+            source_version,
+            pages,
+            ..
+        } = receive::receive(addr)?;
+        let t0 = Instant::now();
+        let mut cfg = snapshot.config.clone();
+        cfg.api_sock = local.api_sock;
+        cfg.metrics = local.metrics;
+        cfg.seccomp = local.seccomp;
+        cfg.allow_emulated_kvm |= local.allow_emulated_kvm;
+        let built = cfg
+            .validate_machine()
+            .map_err(VmmError::from)
+            .and_then(|()| crate::seccomp::init(cfg.seccomp).map_err(VmmError::from))
+            .and_then(|()| {
+                // The kernel may not be on this host: symbols are a nicety here.
+                let symbols = SymbolSource::find(&cfg.kernel, cfg.system_map.as_deref())
+                    .ok()
+                    .flatten();
+                Self::assemble(
+                    &cfg,
+                    Source::Incoming(snapshot, mem, taps),
+                    symbols,
+                    VmExtras::default(),
+                )
+            });
+        match built {
+            Ok(mut vmm) => {
+                let build_ms = t0.elapsed().as_millis() as u64;
+                receive::accept(&mut conn, build_ms).map_err(|e| {
+                    VmmError::Migration(crate::migration::MigrationError::Protocol(e))
+                })?;
+                info!(
+                    "Migrated in from ferrovm {source_version} ({pages} pages received, VM built \
+                     in {build_ms} ms)"
+                );
+                vmm.announce_on_resume = true;
+                Ok(vmm)
+            }
+            Err(e) => {
+                receive::refuse(&mut conn, &error_chain(&e));
+                Err(e)
+            }
+        }
+    }
+
     fn assemble(
         cfg: &VmConfig,
         source: Source,
         symbols: Option<SymbolSource>,
         extras: VmExtras,
     ) -> Result<Self, VmmError> {
-        let restoring = matches!(source, Source::Snapshot(..));
+        let restoring = !matches!(source, Source::Boot(_));
         let open = |b: &SerialBackend| open_serial_backend(b, restoring);
         let mut console_tails = Vec::new();
         let mut keep_tail = |name: &str, out: Box<dyn Write + Send>| {
@@ -378,7 +472,49 @@ impl Vmm {
             .iter()
             .map(|d| RawFile::open(&d.path, d.readonly).map(|file| (d, file)))
             .collect::<Result<Vec<_>, _>>()?;
-        let taps = open_taps(&cfg.nets)?;
+        let mut handed_over = match &source {
+            Source::Incoming(_, _, fds) => fds.iter().map(|(n, fd)| (n.clone(), fd)).collect(),
+            _ => Vec::new(),
+        };
+        let taps = if handed_over.is_empty() {
+            open_taps(&cfg.nets)?
+        } else {
+            // Local migration: NIC i's TAP came from the source.
+            (0..cfg.nets.len())
+                .map(|i| {
+                    let nic = format!("eth{i}");
+                    let at = handed_over
+                        .iter()
+                        .position(|(n, _)| *n == nic)
+                        .ok_or_else(|| VmmError::SnapshotMismatch {
+                            what: "TAP list",
+                            why: format!("the source handed over no TAP for {nic}"),
+                        })?;
+                    let (_, fd) = handed_over.remove(at);
+                    Tap::from_fd(fd)
+                        .map_err(|e| VmmError::Host("take over a TAP from the source", e))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        // What a migration lets go of, and the configuration with what was chosen here
+        // (TAP names, MACs) filled in, which snapshots and migrations carry.
+        let mut resolved = cfg.clone();
+        let mut tap_handles = Vec::with_capacity(taps.len());
+        for (i, (net, tap)) in resolved.nets.iter_mut().zip(&taps).enumerate() {
+            net.tap = crate::config::TapConfig::Named(tap.name().to_owned());
+            net.mac.get_or_insert_with(|| default_mac(i));
+            tap_handles.push((
+                format!("eth{i}"),
+                tap.try_clone()
+                    .map_err(|e| VmmError::Host("duplicate a TAP's fd", e))?,
+            ));
+        }
+        let disk_files = disks
+            .iter()
+            .filter(|(d, _)| !d.readonly)
+            .map(|(d, f)| f.try_clone_file().map(|f| (d.path.clone(), f)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| VmmError::Host("duplicate a disk's fd", e))?;
         // A report that cannot be written is a bad flag: say so before KVM is touched.
         if let Some(path) = &cfg.metrics {
             MetricsRegistry::new()
@@ -417,6 +553,12 @@ impl Vmm {
                     .collect();
                 map_snapshot_memory(&file, &regions)?
             }
+            Source::Incoming(_, mem, _) => mem.clone(),
+        };
+        let mem_shared = match &source {
+            Source::Boot(_) => cfg.needs_shared_memory(),
+            Source::Snapshot(..) => false,
+            Source::Incoming(_, _, fds) => cfg.needs_shared_memory() || !fds.is_empty(),
         };
         let vm = KvmVm::new(cfg.vcpus)?;
         // After the KVM device errors (a host without /dev/kvm is told that first), before
@@ -531,7 +673,7 @@ impl Vmm {
         devices.attach_ide(&vm, ide_disks)?;
         // NIC i is eth{i} in the guest when all NICs share a model: virtio-mmio devices are
         // probed in command line order, PCI NICs in slot order.
-        for (i, (net, tap)) in cfg.nets.iter().zip(taps).enumerate() {
+        for (i, (net, tap)) in resolved.nets.iter().zip(taps).enumerate() {
             let name = format!("eth{i}");
             let mac = net.mac.unwrap_or_else(|| default_mac(i));
             let what = format!("NIC {name} (TAP {}, MAC {mac})", tap.name());
@@ -566,7 +708,7 @@ impl Vmm {
             Source::Boot(boot_plan) => {
                 Self::load_guest(cfg, &mem, &devices, boot_plan, &vm, &vcpus)?
             }
-            Source::Snapshot(snap, _) => {
+            Source::Snapshot(snap, _) | Source::Incoming(snap, ..) => {
                 if snap.vcpus.len() != vcpus.len() {
                     return Err(VmmError::SnapshotMismatch {
                         what: "vCPU list",
@@ -603,6 +745,10 @@ impl Vmm {
                 restore_devices(&built.persist, &snap.devices)?;
                 (snap.uptime_ms, Some(dir.clone()))
             }
+            Source::Incoming(snap, ..) => {
+                restore_devices(&built.persist, &snap.devices)?;
+                (snap.uptime_ms, None)
+            }
         };
 
         Ok(Self {
@@ -616,7 +762,7 @@ impl Vmm {
             raw_terminal: serial_in || serial2_in || console_takes_stdin,
             metrics: built.metrics,
             metrics_path: cfg.metrics.clone(),
-            config: cfg.clone(),
+            config: resolved,
             persist: built.persist,
             no_persist: built.no_persist,
             acpi_pm: built.acpi_pm,
@@ -628,6 +774,12 @@ impl Vmm {
             symbols,
             ports,
             timeout: extras.timeout,
+            taps: tap_handles,
+            disk_files,
+            mem_shared,
+            migration: None,
+            migrating: None,
+            announce_on_resume: false,
             _fs_daemons: fs_daemons,
         })
     }
@@ -713,6 +865,16 @@ impl Vmm {
                 self.event_manager
                     .add_subscriber(Arc::new(Mutex::new(control::Wakeup(wake))));
                 api = Some((server, rx));
+                // Migrations are asked for on the control socket; the thread installs its
+                // own filter, so it starts before the main thread's.
+                let (worker, wake) = crate::migration::send::Worker::start()
+                    .map_err(|e| VmmError::Host("start the migration thread", e))?;
+                self.event_manager
+                    .add_subscriber(Arc::new(Mutex::new(control::Wakeup(wake))));
+                self.migration = Some(worker);
+            }
+            if self.announce_on_resume {
+                self.announce();
             }
         }
         self.started = Instant::now();
@@ -812,12 +974,15 @@ impl Vmm {
             if METRICS_REQUESTED.swap(false, Ordering::SeqCst) {
                 self.write_metrics();
             }
-            while let Some((cmd, reply)) = api.and_then(|rx| rx.try_recv().ok()) {
-                let (answer, exit) = self.handle_api(cmd, vcpus);
+            while let Some(Pending { cmd, reply, stream }) = api.and_then(|rx| rx.try_recv().ok()) {
+                let (answer, exit) = self.handle_api(cmd, vcpus, stream);
                 let _ = reply.send(answer);
                 if let Some(exit) = exit {
                     return Ok(exit);
                 }
+            }
+            if let Some(exit) = self.poll_migration(vcpus) {
+                return Ok(exit);
             }
             let sig = TERMINATION.swap(0, Ordering::SeqCst);
             if sig != 0 {

@@ -51,6 +51,80 @@ pub fn call(
     })
 }
 
+/// Asks the VM behind `sock` to migrate (`PUT vm.migrate`), calling `on_line` with each
+/// progress object as it arrives; returns the last one (`completed` or `failed`), or the
+/// error answer's status and message when the migration did not start.
+pub fn migrate(
+    sock: &Path,
+    params: &crate::migration::MigrateParams,
+    mut on_line: impl FnMut(&serde_json::Value),
+) -> Result<Result<serde_json::Value, (u16, String)>, ClientError> {
+    use std::io::BufRead;
+    let stream = UnixStream::connect(sock).map_err(|source| ClientError::Connect {
+        path: sock.into(),
+        source,
+    })?;
+    let io = |source| ClientError::Io {
+        path: sock.into(),
+        source,
+    };
+    let bad = |why: String| ClientError::BadAnswer {
+        path: sock.into(),
+        why,
+    };
+    let body = serde_json::to_string(params).map_err(|e| bad(e.to_string()))?;
+    http::write_request(&stream, "PUT", &format!("{API_PREFIX}/vm.migrate"), &body).map_err(io)?;
+    let mut r = std::io::BufReader::new(&stream);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(io)?;
+    let status: u16 = line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad(format!("bad status line {:?}", line.trim_end())))?;
+    // The head; an error answer has a length and a JSON body.
+    let mut length = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).map_err(io)? == 0 {
+            break;
+        }
+        let h = line.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((n, v)) = h.split_once(':') {
+            if n.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    if status != 200 {
+        let mut body = vec![0u8; length.min(1 << 20)];
+        std::io::Read::read_exact(&mut r, &mut body).map_err(io)?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        let msg = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(String::from))
+            .unwrap_or(body);
+        return Ok(Err((status, msg)));
+    }
+    let mut last = None;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).map_err(io)? == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(line.trim_end())
+            .map_err(|e| bad(format!("a progress line is not JSON ({e}): {line:?}")))?;
+        on_line(&v);
+        last = Some(v);
+    }
+    last.map(Ok).ok_or_else(|| {
+        bad("the VMM closed the connection before saying how the migration ended".into())
+    })
+}
+
 /// The request a client subcommand sends: method, path and body.
 pub fn request_for(op: &str, snapshot_dir: Option<&Path>) -> (&'static str, String, String) {
     let (method, route) = match op {

@@ -39,10 +39,14 @@ pub enum Command {
     Info,
     Pause,
     Resume,
-    Snapshot { dir: PathBuf },
+    Snapshot {
+        dir: PathBuf,
+    },
     Metrics,
     PowerButton,
     Shutdown,
+    /// Live migration; its progress streams back on the requesting connection.
+    Migrate(crate::migration::MigrateParams),
 }
 
 /// Every route: method, path under `API_PREFIX`, and the statuses it answers with.
@@ -54,6 +58,7 @@ pub const ROUTES: &[(&str, &str, &[u16])] = &[
     ("GET", "/vm.metrics", &[200]),
     ("PUT", "/vm.power-button", &[204, 409]),
     ("PUT", "/vm.shutdown", &[204]),
+    ("PUT", "/vm.migrate", &[200, 400, 409, 500]),
 ];
 
 /// The event loop's answer.
@@ -71,6 +76,15 @@ impl Reply {
     pub fn no_content() -> Self {
         Self {
             status: 204,
+            body: Value::Null,
+        }
+    }
+
+    /// The answer is the event loop's to write on the connection (a migration's progress):
+    /// the socket thread writes nothing.
+    pub fn streamed() -> Self {
+        Self {
+            status: 0,
             body: Value::Null,
         }
     }
@@ -125,6 +139,20 @@ pub fn route(req: &http::Request) -> Result<Command, Reply> {
                 })?;
             Command::Snapshot { dir: dir.into() }
         }
+        "/vm.migrate" => {
+            let params: crate::migration::MigrateParams =
+                serde_json::from_value(body()?).map_err(|e| {
+                    Reply::error(
+                        400,
+                        format!(
+                            "vm.migrate needs {{\"to\": \"unix:PATH|tcp:IP:PORT\"}} and takes \
+                             local, downtime_ms, max_passes, timeout_s: {e}"
+                        ),
+                    )
+                })?;
+            params.validate().map_err(|e| Reply::error(400, e))?;
+            Command::Migrate(params)
+        }
         _ => unreachable!("every route is matched above"),
     })
 }
@@ -145,7 +173,12 @@ pub enum ApiError {
 }
 
 /// A request on its way to the event loop, with where the answer goes.
-pub type Pending = (Command, Sender<Reply>);
+pub struct Pending {
+    pub cmd: Command,
+    pub reply: Sender<Reply>,
+    /// The requesting connection, for a command that streams its answer (vm.migrate).
+    pub stream: Option<UnixStream>,
+}
 
 /// The listening socket, before its thread runs.
 pub struct ApiSocket {
@@ -289,10 +322,20 @@ fn handle(stream: UnixStream, tx: &Sender<Pending>, wake: &EventFd) {
             debug!("API: {} {}", req.method, req.path);
             match route(&req) {
                 Err(reply) => reply,
-                Ok(cmd) => run(cmd, tx, wake),
+                Ok(cmd) => {
+                    let stream = match cmd {
+                        Command::Migrate(_) => stream.try_clone().ok(),
+                        _ => None,
+                    };
+                    run(cmd, tx, wake, stream)
+                }
             }
         }
     };
+    if reply.status == 0 {
+        // Answered by whoever took the connection.
+        return;
+    }
     let body = if reply.body.is_null() {
         String::new()
     } else {
@@ -303,9 +346,14 @@ fn handle(stream: UnixStream, tx: &Sender<Pending>, wake: &EventFd) {
     }
 }
 
-fn run(cmd: Command, tx: &Sender<Pending>, wake: &EventFd) -> Reply {
+fn run(cmd: Command, tx: &Sender<Pending>, wake: &EventFd, stream: Option<UnixStream>) -> Reply {
     let (rtx, rrx) = mpsc::channel();
-    if tx.send((cmd, rtx)).is_err() {
+    let pending = Pending {
+        cmd,
+        reply: rtx,
+        stream,
+    };
+    if tx.send(pending).is_err() {
         return Reply::error(500, "the VM is shutting down");
     }
     let _ = wake.write(1);
@@ -399,7 +447,7 @@ mod tests {
         let path = dir.join("api.sock");
         let (mut server, rx, wake) = ApiSocket::bind(&path).unwrap().start().unwrap();
         let answer = std::thread::spawn(move || {
-            let (cmd, reply) = rx.recv().unwrap();
+            let Pending { cmd, reply, .. } = rx.recv().unwrap();
             // The wakeup is written just after the command is queued: wait for it.
             let woken = (0..200).any(|_| {
                 wake.read().is_ok() || {

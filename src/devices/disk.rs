@@ -145,6 +145,12 @@ impl RawFile {
         }
         Ok(Self { file, size })
     }
+
+    /// A second handle on the image (a migration flushes it before the destination opens
+    /// the file).
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
 }
 
 pub(crate) fn guest_io_error(e: vm_memory::GuestMemoryError) -> io::Error {

@@ -10,9 +10,9 @@
 use std::collections::BTreeMap;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_ioeventfd, kvm_irq_routing, kvm_irqchip,
-    kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, KVMIO,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_ioeventfd, kvm_irq_routing,
+    kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
+    kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs, kvm_xsave, KVMIO,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -41,6 +41,14 @@ ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
 ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
 ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+// The migration thread: dirty logging on and off, and the log itself.
+ioctl_iow_nr!(
+    KVM_SET_USER_MEMORY_REGION,
+    KVMIO,
+    0x46,
+    kvm_userspace_memory_region
+);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
 /// Syscall number -> the rules under which it is allowed (an empty list: always).
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -92,6 +100,8 @@ const MAIN: &[i64] = &[
     libc::SYS_fdatasync,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    // Stopping a migration: its socket is shut down.
+    libc::SYS_shutdown,
     libc::SYS_statx,
     // The tear-down check: a directory's entries, its fstat, and the fds' link targets.
     libc::SYS_getdents64,
@@ -145,6 +155,24 @@ const API: &[i64] = &[
     libc::SYS_setsockopt,
 ];
 
+/// The migration thread: connecting to the destination (a Unix or TCP socket; a TCP
+/// connect with a timeout polls a non-blocking socket, FIONBIO below), the stream with fds
+/// attached (SCM_RIGHTS, local mode), cutting it, and KVM's dirty log (ioctls below).
+const MIGRATION: &[i64] = &[
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+];
+
 /// Builds the BPF program of one thread kind.
 pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut rules = Rules::new();
@@ -154,6 +182,7 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
         ThreadKind::BlockIo => &[COMMON, DISK_IO],
         ThreadKind::Stdin => &[COMMON, STDIN],
         ThreadKind::Api => &[COMMON, API],
+        ThreadKind::Migration => &[COMMON, MIGRATION],
     };
     for nr in lists.iter().copied().flatten() {
         rules.insert(*nr, Vec::new());
@@ -164,11 +193,21 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
     };
     rules.insert(libc::SYS_mmap, vec![no_exec()?]);
     rules.insert(libc::SYS_mprotect, vec![no_exec()?]);
-    // Debug builds of std check that an fd is open before closing it.
-    rules.insert(
-        libc::SYS_fcntl,
-        vec![rule(&[(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)])?],
-    );
+    // Debug builds of std check that an fd is open before closing it. Duplicating an fd
+    // (try_clone): the control connection a migration streams its progress on (api), the
+    // migration's socket (migrate), and the TAPs a local migration hands over (main).
+    let mut fcntl = vec![rule(&[(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)])?];
+    if matches!(
+        kind,
+        ThreadKind::Main | ThreadKind::Api | ThreadKind::Migration
+    ) {
+        fcntl.push(rule(&[(
+            1,
+            SeccompCmpOp::Eq,
+            libc::F_DUPFD_CLOEXEC as u64,
+        )])?);
+    }
+    rules.insert(libc::SYS_fcntl, fcntl);
     // abort() (a panic with panic=abort, a failed allocation) raises SIGABRT on itself.
     let mut kill_signals = vec![libc::SIGABRT as u64];
     // TCSETS (tcsetattr) puts the terminal back out of raw mode: at exit on the main
@@ -183,11 +222,13 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
                 vec![rule(&[(1, SeccompCmpOp::Eq, libc::SIGKILL as u64)])?],
             );
             // The IOAPIC state tells an orderly reboot from a panic.
+            // TUNSETQUEUE: a migration detaching and re-attaching the TAPs' queues.
             ioctls.extend([
                 KVM_GET_IRQCHIP(),
                 libc::TCGETS,
                 KVM_GET_PIT2(),
                 KVM_GET_CLOCK(),
+                libc::TUNSETQUEUE,
             ]);
             // Only creating the metrics report (std::fs::write), and listing a directory
             // (std::fs::read_dir: /proc/self/task and /proc/self/fd for the tear-down
@@ -227,6 +268,13 @@ pub fn compile(kind: ThreadKind) -> Result<BpfProgram, seccompiler::BackendError
                 KVM_GET_TSC_KHZ(),
                 KVM_GET_XSAVE(),
                 KVM_GET_XCRS(),
+            ]);
+        }
+        ThreadKind::Migration => {
+            ioctls.extend([
+                KVM_GET_DIRTY_LOG(),
+                KVM_SET_USER_MEMORY_REGION(),
+                libc::FIONBIO,
             ]);
         }
         ThreadKind::BlockIo | ThreadKind::Stdin | ThreadKind::Api => {}

@@ -47,6 +47,7 @@ impl Vmm {
         &mut self,
         cmd: Command,
         vcpus: &[VcpuHandle],
+        stream: Option<std::os::unix::net::UnixStream>,
     ) -> (Reply, Option<ExitReason>) {
         let paused = self.run_state.paused();
         let reply = match cmd {
@@ -87,6 +88,7 @@ impl Vmm {
                 ),
             },
             Command::Shutdown => return (Reply::no_content(), Some(ExitReason::Requested)),
+            Command::Migrate(params) => self.start_migration(params, stream),
             Command::Snapshot { .. } if !paused => {
                 Reply::error(409, "pause the VM first (vm.pause), then snapshot it")
             }

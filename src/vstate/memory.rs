@@ -131,17 +131,29 @@ pub fn map_snapshot_memory(
     file: &std::fs::File,
     regions: &[(GuestAddress, usize, u64)],
 ) -> Result<GuestMemoryMmap, SnapshotMemoryError> {
+    map_file_memory(file, regions, false)
+}
+
+/// Maps guest memory from `file`, each region `(guest address, length, offset in the file)`:
+/// copy-on-write (a snapshot), or `shared` (a memfd another VMM process handed over: local
+/// migration, where both processes see the same pages).
+pub fn map_file_memory(
+    file: &std::fs::File,
+    regions: &[(GuestAddress, usize, u64)],
+    shared: bool,
+) -> Result<GuestMemoryMmap, SnapshotMemoryError> {
+    let flags = if shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE
+    };
     let mut out = Vec::with_capacity(regions.len());
     for &(addr, len, offset) in regions {
         let fo =
             vm_memory::FileOffset::new(file.try_clone().map_err(SnapshotMemoryError::Dup)?, offset);
-        let mapping = vm_memory::MmapRegion::build(
-            Some(fo),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| SnapshotMemoryError::Map(e.to_string()))?;
+        let mapping =
+            vm_memory::MmapRegion::build(Some(fo), len, libc::PROT_READ | libc::PROT_WRITE, flags)
+                .map_err(|e| SnapshotMemoryError::Map(e.to_string()))?;
         out.push(
             GuestRegionMmap::new(mapping, addr).ok_or_else(|| {
                 SnapshotMemoryError::Map("a region past the address space".into())

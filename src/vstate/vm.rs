@@ -11,7 +11,7 @@ use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId,
     KvmIrqRouting, KVM_API_VERSION, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -157,29 +157,7 @@ impl KvmVm {
 
     /// Gives KVM every region of guest memory, one slot each.
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .expect("a region's own start address is mapped");
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the host range is a live mapping owned by `mem` of exactly `len` bytes;
-            // the VMM keeps `mem` alive for as long as the VM (and so the slot) exists.
-            unsafe { self.fd.set_user_memory_region(region_desc) }.map_err(|source| {
-                VmError::MemorySlot {
-                    slot: slot as u32,
-                    addr: region.start_addr().0,
-                    size: region.len(),
-                    source,
-                }
-            })?;
-        }
-        Ok(())
+        set_memory_slots(&self.fd, mem, false)
     }
 
     /// The CPUID entries KVM can offer, to be filtered per vCPU.
@@ -235,6 +213,11 @@ impl KvmVm {
     /// The raw VM fd, for device wiring that needs more than irqfds.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// A handle on the VM for another thread (the migration thread reads the dirty log).
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     /// The MSRs a vCPU's saved state includes: every one KVM lists as saveable.
@@ -440,6 +423,46 @@ impl IoEvents {
                 source,
             })
     }
+}
+
+/// Gives KVM every region of `mem`, slot `i` for region `i`, with dirty logging on or off
+/// (`KVM_MEM_LOG_DIRTY_PAGES`, api.rst 4.35: setting a slot again with other flags changes
+/// only them).
+pub fn set_memory_slots(fd: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("a region's own start address is mapped");
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+        };
+        // SAFETY: the host range is a live mapping owned by `mem` of exactly `len` bytes;
+        // the VMM keeps `mem` alive for as long as the VM (and so the slot) exists.
+        unsafe { fd.set_user_memory_region(region_desc) }.map_err(|source| {
+            VmError::MemorySlot {
+                slot: slot as u32,
+                addr: region.start_addr().0,
+                size: region.len(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// KVM's dirty log of memory slot `slot` (`len` bytes), read and cleared: one bit per 4 KiB
+/// page the guest (or KVM itself) wrote since the last read.
+pub fn dirty_log(fd: &VmFd, slot: u32, len: u64) -> Result<Vec<u64>, VmError> {
+    fd.get_dirty_log(slot, len as usize)
+        .map_err(|e| VmError::Kvm("read the dirty log", e))
 }
 
 /// The KVM device node: `FERROVM_KVM_DEVICE`, else /dev/kvm.
