@@ -658,6 +658,14 @@ impl Running {
         }
     }
 
+    /// Every stdout line seen so far (by `wait_for`), joined.
+    pub fn seen_text(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
     /// Writes to the VMM's stdin (set up with `Vm::stdin_piped`).
     pub fn write_stdin(&mut self, bytes: &[u8]) {
         use std::io::Write;

@@ -32,6 +32,16 @@ pub struct HostTap {
 impl HostTap {
     /// TAP number `n` of this test process, on 10.`n`.`pid % 250`.0/24.
     pub fn new(n: u8) -> Self {
+        Self::make(n, false)
+    }
+
+    /// The same, multi-queue (`ip tuntap add ... multi_queue`): one whose queue a migrating
+    /// VMM can detach for the destination to attach its own.
+    pub fn multi_queue(n: u8) -> Self {
+        Self::make(n, true)
+    }
+
+    fn make(n: u8, multi_queue: bool) -> Self {
         let pid = std::process::id();
         let name = format!("fvt{}n{n}", pid % 1000);
         let net = [10, n, (pid % 250) as u8];
@@ -40,7 +50,11 @@ impl HostTap {
             .args(["link", "del", &name])
             .stderr(Stdio::null())
             .status();
-        host("ip", &["tuntap", "add", &name, "mode", "tap"]);
+        let mut add = vec!["tuntap", "add", &name, "mode", "tap"];
+        if multi_queue {
+            add.push("multi_queue");
+        }
+        host("ip", &add);
         let tap = Self { name, net };
         host(
             "ip",
