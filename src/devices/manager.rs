@@ -592,17 +592,16 @@ impl DeviceManager {
             Box::new(vm.ioevents()),
         )
         .map_err(|e| DeviceError::PciTransport(what.into(), e))?;
+        let transport = Arc::new(Mutex::new(transport));
         let pci = self.pci();
         pci.bus
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .add_metered(
-                slot,
-                0,
-                Arc::new(Mutex::new(transport)),
-                Some(metrics.clone()),
-            );
+            .add_metered(slot, 0, transport.clone(), Some(metrics.clone()));
         pci.irqs.push(PciIrq { slot, irq });
+        // After the bus (registered when it was made): its configuration space, with the
+        // BAR the notifications follow, is restored first.
+        self.persist(name, transport);
         info!(
             "{what}: virtio-pci at 00:{slot:02x}.0, BAR {bar:#x}, INTx IRQ {irq}, {} MSI-X vectors",
             queues + 1
