@@ -288,6 +288,10 @@ pub struct Vmm {
     started: Instant,
     uptime_before_ms: u64,
     restored_from: Option<PathBuf>,
+    /// When `restore` (or `incoming`, from the state's arrival) began, until `run` has the
+    /// vCPUs going; then how long that took (the VMM's part of a restore).
+    restore_began: Option<Instant>,
+    restore_ms: Option<f64>,
     /// The last lines of ttyS0 and hvc0, and the kernel's symbols, for a crash report.
     console_tails: Vec<(String, Arc<ConsoleTail>)>,
     symbols: Option<SymbolSource>,
@@ -360,6 +364,7 @@ impl Vmm {
     /// re-attached (output files appended to), and guest memory mapped from the snapshot.
     /// `api_sock` replaces the snapshot's control socket.
     pub fn restore(dir: &std::path::Path, api_sock: Option<PathBuf>) -> Result<Self, VmmError> {
+        let began = Instant::now();
         let snap = crate::persist::read_state(dir)?;
         // Checked before anything is opened: a damaged snapshot touches nothing.
         crate::persist::open_memory(dir, &snap.memory)?;
@@ -368,12 +373,14 @@ impl Vmm {
         cfg.validate_machine()?;
         crate::seccomp::init(cfg.seccomp)?;
         let symbols = SymbolSource::find(&cfg.kernel, cfg.system_map.as_deref())?;
-        Self::assemble(
+        let mut vmm = Self::assemble(
             &cfg,
             Source::Snapshot(Box::new(snap), dir.to_path_buf()),
             symbols,
             VmExtras::default(),
-        )
+        )?;
+        vmm.restore_began = Some(began);
+        Ok(vmm)
     }
 
     /// Waits for a migration on `addr` and builds the VM it brings, in the state the source
@@ -428,6 +435,7 @@ impl Vmm {
                      in {build_ms} ms)"
                 );
                 vmm.announce_on_resume = true;
+                vmm.restore_began = Some(t0);
                 Ok(vmm)
             }
             Err(e) => {
@@ -770,6 +778,8 @@ impl Vmm {
             started: Instant::now(),
             uptime_before_ms,
             restored_from,
+            restore_began: None,
+            restore_ms: None,
             console_tails,
             symbols,
             ports,
@@ -855,6 +865,11 @@ impl Vmm {
         }
         for sig in LOOP_SIGNALS {
             unblock_signal(sig).map_err(|e| VmmError::SignalMask(e.to_string()))?;
+        }
+        if let Some(t) = self.restore_began.take() {
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            info!("Restored and running in {ms:.1} ms (the VMM's part: state read, memory mapped, devices and vCPUs set, vCPU threads started)");
+            self.restore_ms = Some(ms);
         }
 
         // The control socket's thread, before the main thread's filter (it installs its own).

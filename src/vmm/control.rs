@@ -58,6 +58,7 @@ impl Vmm {
                 "memory_mib": self.config.mem_mib,
                 "version": env!("CARGO_PKG_VERSION"),
                 "restored_from": self.restored_from,
+                "restore_ms": self.restore_ms,
                 "config": self.config,
             })),
             Command::Metrics => match serde_json::from_str::<Value>(&self.metrics.to_json()) {
