@@ -613,3 +613,64 @@ fn memory_the_host_cannot_give_is_refused() {
         out.dump()
     );
 }
+
+#[test]
+fn bad_migration_addresses_and_flags_are_named() {
+    // `run --incoming`: an address without a scheme, a name where a number is due, VM
+    // options the stream brings, a socket that cannot be made.
+    assert_fails_with(
+        &run(&["--incoming", "/var/tmp/mig.sock"]),
+        2,
+        "give unix:PATH or tcp:HOST:PORT",
+    );
+    assert_fails_with(
+        &run(&["--incoming", "tcp:somewhere:4444"]),
+        2,
+        "not an IP address and port",
+    );
+    assert_fails_with(
+        &run(&["--incoming", "unix:/var/tmp/m.sock", "--kernel", "/k"]),
+        2,
+        "cannot be used with",
+    );
+    assert_fails_with(
+        &run(&["--incoming", "unix:/nonexistent-dir/m.sock"]),
+        1,
+        "Failed to listen for a migration on unix:/nonexistent-dir/m.sock",
+    );
+    // `migrate`: local mode over TCP, no VM behind the socket, a bad limit.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::ferrovm_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        Output {
+            code: out.status.code(),
+            signal: None,
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+            elapsed: std::time::Duration::ZERO,
+            timed_out: false,
+        }
+    };
+    let migrate = |extra: &[&str]| {
+        let mut a = vec!["migrate", "--api-sock", "/nonexistent/api.sock"];
+        a.extend_from_slice(extra);
+        cli(&a)
+    };
+    assert_fails_with(
+        &migrate(&["--to", "tcp:127.0.0.1:4444", "--local"]),
+        2,
+        "Unix socket",
+    );
+    assert_fails_with(
+        &migrate(&["--to", "unix:/var/tmp/m.sock", "--downtime-ms", "0"]),
+        2,
+        "downtime_ms must be at least 1",
+    );
+    assert_fails_with(
+        &migrate(&["--to", "unix:/var/tmp/m.sock"]),
+        1,
+        "Failed to connect to the API socket /nonexistent/api.sock",
+    );
+}
