@@ -205,11 +205,15 @@ pub fn put_back(mem: &GuestMemoryMmap, pages: &DirtyPages) {
 }
 
 /// A hash of all guest memory, region after region (the migration's test mode compares the
-/// two sides' at the switch-over). Not cryptographic: it catches lost writes.
+/// two sides' at the switch-over): std's SipHash with fixed keys, so two processes of one
+/// ferrovm build agree. Not cryptographic: it catches lost writes.
 pub fn ram_hash(mem: &GuestMemoryMmap) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    use std::hash::Hasher;
+    #[allow(deprecated)] // SipHasher: fixed keys and a fixed algorithm, unlike DefaultHasher.
+    let mut h = std::hash::SipHasher::new();
     let mut buf = vec![0u8; 1 << 20];
     for region in mem.iter() {
+        h.write_u64(region.start_addr().0);
         let mut off = 0u64;
         while off < region.len() {
             let n = (region.len() - off).min(buf.len() as u64) as usize;
@@ -217,15 +221,11 @@ pub fn ram_hash(mem: &GuestMemoryMmap) -> String {
                 break;
             };
             slice.copy_to(&mut buf[..n]);
-            for chunk in buf[..n].chunks_exact(8) {
-                let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-                h = (h.rotate_left(23) ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            }
+            h.write(&buf[..n]);
             off += n as u64;
         }
-        h ^= region.start_addr().0;
     }
-    format!("{h:016x}")
+    format!("{:016x}", h.finish())
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! The migration stream: a preamble line each way, then frames.
 //!
 //! ```text
-//! source -> destination   FERROVM-MIGRATION 1\n
-//! destination -> source   FERROVM-MIGRATION 1\n      (or an ERROR frame, then close)
+//! destination -> source   FERROVM-MIGRATION 1\n      (first, on accepting)
+//! source -> destination   FERROVM-MIGRATION 1\n      (or the destination sends ERROR)
 //! frame                   kind: u32 LE, length: u64 LE, payload: length bytes
 //! ```
 //! Every frame kind has a largest payload (`Kind::max_len`): a length past it is a garbled
@@ -92,7 +92,11 @@ impl Kind {
     /// The largest payload of this kind.
     pub fn max_len(self) -> u64 {
         match self {
-            Self::Pages => PAGES_FRAME_MAX + 64 * RECORD_HEADER_LEN as u64,
+            // A frame is sent once it reaches PAGES_FRAME_MAX: the last record (a run of at
+            // most PAGES_PER_RECORD pages) may take it past by that much.
+            Self::Pages => {
+                PAGES_FRAME_MAX + PAGES_PER_RECORD * PAGE_SIZE + RECORD_HEADER_LEN as u64
+            }
             Self::State => 256 << 20,
             Self::Config => 1 << 20,
             _ => 64 << 10,
@@ -309,6 +313,23 @@ impl Conn {
             }
         })?;
         Ok(Frame { kind, payload, fd })
+    }
+
+    /// After a failed write: the reason the peer gave before it closed the connection (an
+    /// ERROR or ABORT frame waiting to be read), if it gave one.
+    pub fn peer_reason(&mut self) -> Option<ProtocolError> {
+        self.set_timeout(Some(Duration::from_secs(2))).ok()?;
+        // What was in flight towards us before the peer's frame is skipped.
+        for _ in 0..64 {
+            match self.recv() {
+                Ok(f) if matches!(f.kind, Kind::Error | Kind::Abort) => {
+                    return Some(f.into_peer_error())
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+        None
     }
 
     /// Waits for the destination's answer: its OK payload, or its error.
