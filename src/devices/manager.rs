@@ -23,7 +23,7 @@ use crate::config::{MacAddr, VirtioTransport, MAX_IDE_DISKS};
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::emulated::ide::{self, AtaDisk, CommandBlock, ControlBlock, IdeChannel};
 use crate::devices::emulated::ne2k::{self, Ne2k};
-use crate::devices::emulated::ne2k_tap::{Ne2kTap, TapSink};
+use crate::devices::emulated::nic_tap::{NicTap, TapSink};
 use crate::devices::legacy::serial;
 use crate::devices::legacy::{AcpiPm, SerialDevice, I8042};
 use crate::devices::metrics::{DeviceMetrics, Metered, MetricsRegistry, Space};
@@ -353,7 +353,7 @@ impl DeviceManager {
             Ok(()) => self.coalesced_pio = true,
             Err(e) => warn!("{name}: data port writes will each exit: {e}"),
         }
-        let rx = Ne2kTap::new(nic, tap, rx_space);
+        let rx = NicTap::new("ne2k", nic, tap, rx_space);
         event_manager.add_subscriber(Arc::new(Mutex::new(Metered::new(
             Arc::new(Mutex::new(rx)),
             metrics,

@@ -9,6 +9,7 @@ use crate::arch::x86_64::layout::{PCI_IO_WINDOW_LEN, PCI_IO_WINDOW_START};
 use crate::devices::bus::BusDevice;
 use crate::devices::emulated::ide::{AtaDisk, IdeChannel};
 use crate::devices::emulated::ne2k::{FrameSink, Ne2k, BAR_SIZE, MAX_FRAME};
+use crate::devices::emulated::nic_tap::VnetHdr;
 use crate::devices::emulated::Signal;
 use crate::devices::pci::piix;
 use crate::devices::pci::{BarSpace, PciBus, PciDevice, PciWindow};
@@ -31,7 +32,7 @@ impl Signal for NoIrq {
 struct Wire;
 
 impl FrameSink for Wire {
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send(&mut self, _hdr: &VnetHdr, frame: &[u8]) -> std::io::Result<()> {
         assert!(
             frame.len() <= MAX_FRAME,
             "ne2k: transmitted a {}-byte frame",
