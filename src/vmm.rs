@@ -285,8 +285,9 @@ impl Vmm {
                 .clone()
                 .unwrap_or_else(|| default_disk_id(&disk.path));
             match disk.model {
-                DeviceModel::Ide => {
-                    ide_disks.push(AtaDisk::new(Box::new(file), disk.readonly, &id));
+                DeviceModel::Ide | DeviceModel::IdePio => {
+                    let dma = disk.model == DeviceModel::Ide;
+                    ide_disks.push(AtaDisk::new(Box::new(file), disk.readonly, &id).with_dma(dma));
                 }
                 _ => {
                     let name = format!("vd{}", char::from(b'a' + virtio_disks));
@@ -306,7 +307,7 @@ impl Vmm {
                 }
             }
         }
-        devices.attach_ide(&vm, ide_disks)?;
+        devices.attach_ide(&vm, &mem, ide_disks)?;
         // NIC i is eth{i} in the guest when all NICs share a model: virtio-mmio devices are
         // probed in command line order, PCI NICs in slot order.
         for (i, (net, tap)) in cfg.nets.iter().zip(taps).enumerate() {
@@ -316,6 +317,9 @@ impl Vmm {
             match net.model {
                 DeviceModel::Ne2k => {
                     devices.attach_ne2k(&vm, &mut event_manager, &name, tap, mac)?;
+                }
+                DeviceModel::E1000 => {
+                    devices.attach_e1000(&vm, &mem, &mut event_manager, &name, tap, mac)?;
                 }
                 _ => {
                     let dev = VirtioNet::new(name.clone(), Box::new(tap), mac)?;

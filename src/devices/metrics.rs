@@ -56,6 +56,9 @@ pub struct DeviceMetrics {
     /// The device class the bench compares models within: `block`, `net`, `stream`, `system`.
     pub class: &'static str,
     register_names: RegisterNames,
+    /// Register blocks named apart from the device's base (an I/O BAR next to a memory
+    /// BAR, a bus master block): (space, base, length, names).
+    register_ranges: Vec<(Space, u64, u64, RegisterNames)>,
     /// (space, absolute address) -> accesses. Under a mutex: the bus already serializes
     /// accesses to one device, so this lock is never contended on the exit path.
     registers: Mutex<BTreeMap<(Space, u64), RegisterCount>>,
@@ -76,6 +79,7 @@ impl DeviceMetrics {
             model,
             class,
             register_names: no_names,
+            register_ranges: Vec::new(),
             registers: Mutex::new(BTreeMap::new()),
             exits: AtomicU64::new(0),
             notifications: AtomicU64::new(0),
@@ -92,6 +96,28 @@ impl DeviceMetrics {
     pub fn with_register_names(mut self, names: RegisterNames) -> Self {
         self.register_names = names;
         self
+    }
+
+    /// Names the registers of `[base, base + len)` in `space` with `names(offset)`, the
+    /// offset counted from `base`.
+    pub fn with_register_range(
+        mut self,
+        space: Space,
+        base: u64,
+        len: u64,
+        names: RegisterNames,
+    ) -> Self {
+        self.register_ranges.push((space, base, len, names));
+        self
+    }
+
+    /// The name of the register at `addr`, the device's registers starting at `base`.
+    fn register_name(&self, space: Space, addr: u64, base: u64) -> &'static str {
+        self.register_ranges
+            .iter()
+            .find(|(s, b, len, _)| *s == space && addr >= *b && addr - *b < *len)
+            .map(|(_, b, _, names)| names(addr - b))
+            .unwrap_or_else(|| (self.register_names)(addr.wrapping_sub(base)))
     }
 
     /// Counters that belong to no device in particular (tests, unnamed helpers).
@@ -189,7 +215,7 @@ impl DeviceMetrics {
             self.event_loop_ns.load(Ordering::Relaxed),
         );
         for (i, ((space, addr), c)) in self.registers().iter().enumerate() {
-            let name = (self.register_names)(addr.wrapping_sub(base));
+            let name = self.register_name(*space, *addr, base);
             let _ = write!(
                 out,
                 "{}{{\"space\":\"{}\",\"address\":\"{addr:#x}\",\"register\":{},\
@@ -332,6 +358,36 @@ mod tests {
         assert!(json.contains("\"exits\":3,\"notifications\":3,\"coalesced\":0,\"interrupts\":1,\"bytes_to_guest\":512,\"bytes_from_guest\":0,\"vcpu_handling_ns\":16"), "{json}");
         assert!(json.contains("{\"space\":\"pio\",\"address\":\"0x1f0\",\"register\":\"data\",\"reads\":1,\"writes\":1}"), "{json}");
         assert!(json.contains("{\"space\":\"pio\",\"address\":\"0x1f7\",\"register\":\"\",\"reads\":1,\"writes\":0}"), "{json}");
+    }
+
+    #[test]
+    fn register_ranges_name_blocks_apart_from_the_base() {
+        let mut reg = MetricsRegistry::new();
+        let mmio: RegisterNames = |off| if off == 0xc0 { "icr" } else { "" };
+        let io: RegisterNames = |off| if off == 4 { "iodata" } else { "" };
+        let m = reg.add(
+            DeviceMetrics::new("eth0", "e1000", "net")
+                .with_register_names(mmio)
+                .with_register_range(Space::Pio, 0xc100, 0x40, io),
+            0xc000_0000,
+        );
+        m.record_exit(Space::Mmio, 0xc000_00c0, false, Duration::ZERO);
+        m.record_exit(Space::Pio, 0xc104, true, Duration::ZERO);
+        // A port below the range is not named by it.
+        m.record_exit(Space::Pio, 0xc0c0, false, Duration::ZERO);
+        let json = reg.to_json();
+        assert!(
+            json.contains("\"address\":\"0xc00000c0\",\"register\":\"icr\""),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"address\":\"0xc104\",\"register\":\"iodata\""),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"address\":\"0xc0c0\",\"register\":\"\""),
+            "{json}"
+        );
     }
 
     #[test]

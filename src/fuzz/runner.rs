@@ -430,6 +430,8 @@ mod tests {
         ide,
         ne2k,
         pci,
+        e1000,
+        bmdma,
         kernel_loader
     );
 }

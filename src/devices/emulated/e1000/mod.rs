@@ -46,6 +46,9 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 pub use self::regs::{io_register_name, register_name, IO_SIZE, MMIO_SIZE};
 
+/// Longest frame the NIC hands its sink: a TSO frame with a VLAN tag inserted.
+pub const MAX_TX_FRAME: usize = tx::MAX_PACKET + 4;
+
 /// PCI identity of the 82540EM (desktop adapter), as Linux's e1000_pci_tbl lists it.
 pub const VENDOR_ID: u16 = 0x8086;
 pub const DEVICE_ID: u16 = 0x100e;

@@ -19,7 +19,7 @@ use super::*;
 use crate::devices::emulated::dma;
 
 /// Longest packet: a TSO frame of 64 KiB payload after up to 255 bytes of headers.
-const MAX_PACKET: usize = 0x1_0000 + 0x100;
+pub(super) const MAX_PACKET: usize = 0x1_0000 + 0x100;
 const MIN_FRAME: u64 = 60;
 const FCS_LEN: u64 = 4;
 
