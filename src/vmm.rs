@@ -35,6 +35,7 @@ use crate::seccomp::{SeccompError, ThreadKind};
 use crate::terminal::RawTerminal;
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap, MemoryError};
+use crate::vstate::stats::KvmStats;
 use crate::vstate::vcpu::{
     register_kick_handler, GuestExit, Vcpu, VcpuError, VcpuHandle, VmRunState,
 };
@@ -368,6 +369,9 @@ impl Vmm {
             vcpu.configure(&cpuid, cfg.vcpus, &mem, &entry)?;
             vcpus.push(vcpu);
         }
+        // KVM's own counters of every exit, opened now (before the seccomp filters) and
+        // read into the metrics report when it is written.
+        let kvm_stats = KvmStats::open(vm.fd(), vcpus.iter().map(Vcpu::fd));
         if devices.uses_coalesced_pio() {
             let ring =
                 Arc::new(CoalescedRing::map(vcpus[0].fd()).map_err(VmmError::CoalescedRing)?);
@@ -384,7 +388,8 @@ impl Vmm {
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(lifecycle)));
 
-        let (pio, mmio, metrics) = devices.finish()?;
+        let (pio, mmio, mut metrics) = devices.finish()?;
+        metrics.set_kvm_report(Box::new(move || kvm_stats.to_json()));
 
         Ok(Self {
             vcpus,

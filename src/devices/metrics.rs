@@ -278,11 +278,16 @@ impl<T: MutEventSubscriber> MutEventSubscriber for Metered<T> {
     }
 }
 
+/// Produces a JSON value for the report when it is written (KVM's own counters).
+pub type ReportSource = Box<dyn Fn() -> String + Send>;
+
 /// Every device's counters, in attach order.
 pub struct MetricsRegistry {
     start: Instant,
     /// (counters, base address of the device's registers for naming them).
     devices: Vec<(Arc<DeviceMetrics>, u64)>,
+    /// The report's `kvm` object: KVM's counters of every exit, read when written.
+    kvm: Option<ReportSource>,
 }
 
 impl Default for MetricsRegistry {
@@ -290,6 +295,7 @@ impl Default for MetricsRegistry {
         Self {
             start: Instant::now(),
             devices: Vec::new(),
+            kvm: None,
         }
     }
 }
@@ -306,11 +312,17 @@ impl MetricsRegistry {
         m
     }
 
+    /// Adds a top-level `kvm` object to the report, `source` giving it when written.
+    pub fn set_kvm_report(&mut self, source: ReportSource) {
+        self.kvm = Some(source);
+    }
+
     pub fn devices(&self) -> impl Iterator<Item = &Arc<DeviceMetrics>> {
         self.devices.iter().map(|(m, _)| m)
     }
 
-    /// The report: `{"uptime_ns": N, "devices": [...]}`.
+    /// The report: `{"uptime_ns": N, "devices": [...], "kvm": {...}}` (`kvm` once the VM
+    /// has vCPUs).
     pub fn to_json(&self) -> String {
         let mut out = format!(
             "{{\"uptime_ns\":{},\"devices\":[",
@@ -322,7 +334,11 @@ impl MetricsRegistry {
             }
             m.write_json(&mut out, *base);
         }
-        out.push_str("]}\n");
+        out.push(']');
+        if let Some(kvm) = &self.kvm {
+            let _ = write!(out, ",\"kvm\":{}", kvm());
+        }
+        out.push_str("}\n");
         out
     }
 
@@ -388,6 +404,25 @@ mod tests {
             json.contains("\"address\":\"0xc0c0\",\"register\":\"\""),
             "{json}"
         );
+    }
+
+    #[test]
+    fn the_kvm_object_is_read_when_the_report_is_written() {
+        let mut reg = MetricsRegistry::new();
+        assert!(!reg.to_json().contains("\"kvm\""));
+        let n = Arc::new(AtomicU64::new(5));
+        let src = n.clone();
+        reg.set_kvm_report(Box::new(move || {
+            format!(
+                "{{\"counters\":{{\"exits\":{}}}}}",
+                src.load(Ordering::Relaxed)
+            )
+        }));
+        assert!(reg
+            .to_json()
+            .ends_with(",\"kvm\":{\"counters\":{\"exits\":5}}}\n"));
+        n.store(7, Ordering::Relaxed);
+        assert!(reg.to_json().contains("\"exits\":7"));
     }
 
     #[test]

@@ -59,6 +59,8 @@ const COMMON: &[i64] = &[
 const MAIN: &[i64] = &[
     // The e1000's interrupt moderation timer, armed when a received frame starts a delay.
     libc::SYS_timerfd_settime,
+    // KVM's per-vCPU statistics, read into the metrics report (one pread per vCPU fd).
+    libc::SYS_pread64,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,

@@ -2,5 +2,6 @@
 
 pub mod coalesced;
 pub mod memory;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;
