@@ -43,8 +43,8 @@ def ferrovm_command(art, cpus, memory, cmd, dev, metrics=None):
 
 
 def qemu_command(art, cpus, memory, cmd, dev):
-    """QEMU microvm for the virtio models, QEMU pc (PIIX3 IDE, ne2k_pci, a second ISA
-    UART) for the emulated ones. pc boots through SeaBIOS: its boot time says nothing."""
+    """QEMU microvm for the virtio models, QEMU pc (PIIX3 IDE, ne2k_pci or e1000, a second
+    ISA UART) for the emulated ones. pc boots through SeaBIOS: its boot time says nothing."""
     virtio = dev["model"] in ("virtio", "virtio-console")
     argv = [qemu_binary() or "qemu-system-x86_64"]
     if virtio:
@@ -64,8 +64,9 @@ def qemu_command(art, cpus, memory, cmd, dev):
         argv += (["-device", "virtio-blk-device,drive=d0,num-queues=1"] if virtio
                  else ["-device", "ide-hd,drive=d0,bus=ide.0"])
     elif kind == "nic":
+        nic = {"virtio": "virtio-net-device", "e1000": "e1000"}.get(dev["model"], "ne2k_pci")
         argv += ["-netdev", f"tap,id=n0,ifname={dev['tap']},script=no,downscript=no,vhost=off",
-                 "-device", f"{'virtio-net-device' if virtio else 'ne2k_pci'},netdev=n0,mac={GUEST_MAC}"]
+                 "-device", f"{nic},netdev=n0,mac={GUEST_MAC}"]
     elif kind == "uart":
         argv += ["-serial", f"file:{dev['path']}"]
     elif kind == "console":
@@ -74,8 +75,8 @@ def qemu_command(art, cpus, memory, cmd, dev):
     if virtio:
         # microvm has no i8042: reboot=t ends it through a triple fault (with -no-reboot).
         return argv + ["-append", f"console=ttyS0 reboot=t panic=-1 quiet {QEMU_MMIO_DEV0} -- {cmd}"]
-    # ferrovm's IDE moves data by PIO only: its QEMU peer's guest is kept to PIO as well,
-    # unless the subject asks for the busmaster DMA the guest would pick by default.
+    # QEMU's IDE peer of ferrovm's ide-pio: its guest is kept to PIO (libata.dma=0); the
+    # subject that asks for it gets the busmaster DMA the guest would pick by default.
     pio = " libata.dma=0" if kind == "disk" and not dev.get("dma") else ""
     return argv + ["-append", f"console=ttyS0 reboot=k panic=-1 quiet{pio} -- {cmd}"]
 
@@ -106,6 +107,13 @@ def device_metrics(path, pick):
     s = {k: sum(d.get(k, 0) for d in devs) for k in keys}
     moved = s["bytes_to_guest"] + s["bytes_from_guest"]
     total = s["exits"] + s["notifications"]
+    # KVM's own count of every exit (the whole VM, all devices and the rest), where the host
+    # kernel has binary statistics; else why not.
+    kvm = doc.get("kvm") or {"available": False, "why": "no kvm object in the report"}
+    counters = kvm.get("counters", {}) if kvm.get("available") else {}
+    kvm_exits = counters.get("exits")
+    s.update(kvm=kvm, kvm_exits=kvm_exits,
+             kvm_exits_per_mib=kvm_exits / (moved / MIB) if kvm_exits is not None and moved else None)
     s.update(devices=[d["name"] for d in devs], models=sorted({d.get("model") for d in devs}),
              mib_moved=moved / MIB, total_exits=total,
              exits_per_mib=s["exits"] / (moved / MIB) if moved else None,
