@@ -51,7 +51,8 @@ pub struct RegisterCount {
 pub struct DeviceMetrics {
     /// What the guest calls it, e.g. `vda`, `eth0`, `ttyS1`, `ide0`.
     pub name: String,
-    /// The device model: `virtio-blk`, `ide`, `virtio-net`, `ne2k`, `uart`, `virtio-console`.
+    /// The device model: `virtio-blk`, `ide`, `virtio-net`, `ne2k`, `e1000`, `uart`,
+    /// `virtio-console`.
     pub model: &'static str,
     /// The device class the bench compares models within: `block`, `net`, `stream`, `system`.
     pub class: &'static str,
