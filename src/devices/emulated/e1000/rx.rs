@@ -52,6 +52,23 @@ impl Ring {
             .then_some(Self { base, count })
     }
 
+    /// Says once (`warned`) that a ring as programmed (base registers, length, head, tail)
+    /// cannot be used, and what follows.
+    pub fn warn_unusable(
+        warned: &mut bool,
+        which: &str,
+        base: [u32; 2],
+        (len, head, tail): (u32, u32, u32),
+        consequence: &str,
+    ) {
+        if !std::mem::replace(warned, true) {
+            let base = u64::from(base[1]) << 32 | u64::from(base[0]);
+            warn!(
+                "e1000: {which} ring at {base:#x}+{len:#x} (head {head}, tail {tail}) is not usable; {consequence}"
+            );
+        }
+    }
+
     /// The address of descriptor `i`.
     pub fn desc(&self, i: u32) -> u64 {
         self.base + DESC_LEN * u64::from(i)
@@ -163,16 +180,15 @@ impl E1000 {
             return RxOutcome::Dropped;
         }
         let Some(ring) = self.rx_ring() else {
-            if !self.warned.rx_ring {
-                self.warned.rx_ring = true;
-                warn!(
-                    "e1000: receive ring at {:#x}+{:#x} (head {}, tail {}) is not usable; frames are dropped",
-                    u64::from(self.plain_reg(RDBAH)) << 32 | u64::from(self.plain_reg(RDBAL)),
-                    self.rdlen,
-                    self.rdh,
-                    self.rdt
-                );
-            }
+            let regs = [RDBAL, RDBAH].map(|r| self.plain_reg(r));
+            let what = (self.rdlen, self.rdh, self.rdt);
+            Ring::warn_unusable(
+                &mut self.warned.rx_ring,
+                "receive",
+                regs,
+                what,
+                "frames are dropped",
+            );
             self.count(MPC, 1);
             self.counters.rx_dropped += 1;
             return RxOutcome::Dropped;

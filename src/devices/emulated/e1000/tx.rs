@@ -77,16 +77,15 @@ impl E1000 {
             return;
         }
         let Some(ring) = self.tx_ring() else {
-            if !self.warned.tx_ring {
-                self.warned.tx_ring = true;
-                warn!(
-                    "e1000: transmit ring at {:#x}+{:#x} (head {}, tail {}) is not usable; nothing is sent",
-                    u64::from(self.plain_reg(TDBAH)) << 32 | u64::from(self.plain_reg(TDBAL)),
-                    self.tdlen,
-                    self.tdh,
-                    self.tdt
-                );
-            }
+            let regs = [TDBAL, TDBAH].map(|r| self.plain_reg(r));
+            let what = (self.tdlen, self.tdh, self.tdt);
+            Ring::warn_unusable(
+                &mut self.warned.tx_ring,
+                "transmit",
+                regs,
+                what,
+                "nothing is sent",
+            );
             return;
         };
         let mut causes = 0;
