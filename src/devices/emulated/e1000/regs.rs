@@ -148,8 +148,9 @@ pub const RDTR_FPD: u32 = 1 << 31;
 pub const RXCSUM_PCSS_MASK: u32 = 0xff;
 pub const RXCSUM_IPOFL: u32 = 1 << 8;
 pub const RXCSUM_TUOFL: u32 = 1 << 9;
-// TCTL.
+// TCTL: transmit enable, pad short packets.
 pub const TCTL_EN: u32 = 1 << 1;
+pub const TCTL_PSP: u32 = 1 << 3;
 // RAH: address valid.
 pub const RAH_AV: u32 = 1 << 31;
 

@@ -21,6 +21,8 @@ use crate::devices::emulated::dma;
 /// Longest packet: a TSO frame of 64 KiB payload after up to 255 bytes of headers.
 pub(super) const MAX_PACKET: usize = 0x1_0000 + 0x100;
 const MIN_FRAME: u64 = 60;
+/// Destination, source and type: the least a frame must hold.
+const ETH_HEADER: usize = 14;
 const FCS_LEN: u64 = 4;
 
 // Command bits, the same in a legacy CMD, a data DCMD and a context TUCMD byte.
@@ -219,7 +221,7 @@ impl E1000 {
                 if let Some(tci) = vlan {
                     self.insert_vlan(&mut p.buf, &mut seg, tci);
                 }
-                self.transmit(&p.buf, seg);
+                self.transmit(&mut p.buf, seg);
             }
             Err(reason) => {
                 if let (Some(e), false) = (reason, self.warned.tx_offload) {
@@ -258,7 +260,17 @@ impl E1000 {
         seg.wire_bytes += 4 * u64::from(seg.segments);
     }
 
-    fn transmit(&mut self, frame: &[u8], seg: Segmented) {
+    fn transmit(&mut self, frame: &mut Vec<u8>, seg: Segmented) {
+        // TCTL.PSP: the chip pads short packets to the Ethernet minimum (zeros add nothing
+        // to a checksum the host may still complete). Without it, or below an Ethernet
+        // header even so, there is no frame to send.
+        if frame.len() < MIN_FRAME as usize && self.tctl & TCTL_PSP != 0 {
+            frame.resize(MIN_FRAME as usize, 0);
+        }
+        if frame.len() < ETH_HEADER {
+            self.counters.tx_errors += 1;
+            return;
+        }
         match self.sink.send(&seg.hdr, frame) {
             Ok(()) => {
                 let segs = seg.segments;
@@ -605,6 +617,27 @@ mod tests {
         h.w(TDT, 7);
         assert!(h.sent.lock().unwrap().is_empty());
         assert_eq!(h.r(TSCTFC), 1);
+    }
+
+    /// Found by fuzzing (regress-short-packet): a 2-byte packet panicked the statistics.
+    #[test]
+    fn short_packets_are_padded_with_psp_and_dropped_without() {
+        let mut h = H::new();
+        setup(&mut h);
+        h.w(TCTL, TCTL_EN | TCTL_PSP);
+        put(&h, BUFS, &[0xff, 0xff]);
+        legacy(&h, 0, BUFS, 2, CMD_EOP | CMD_RS);
+        h.w(TDT, 1);
+        let sent = h.sent.lock().unwrap().clone();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1.len(), 60);
+        assert_eq!(&sent[0].1[..2], &[0xff, 0xff]);
+        h.w(TCTL, TCTL_EN);
+        legacy(&h, 1, BUFS, 2, CMD_EOP | CMD_RS);
+        h.w(TDT, 2);
+        assert_eq!(h.sent.lock().unwrap().len(), 1, "no PSP: not sent");
+        assert_eq!(h.nic.counters.tx_errors, 1);
+        assert_eq!(status(&h, 1), STA_DD, "the descriptor still completes");
     }
 
     #[test]
