@@ -51,10 +51,14 @@ pub enum ConfigError {
     TooManyIde(usize),
     #[error("The TAP device {0} is given to two NICs")]
     DuplicateTap(String),
+    #[error("The virtio-fs tag '{0}' is given to two shares")]
+    DuplicateFsTag(String),
+    #[error("The directory {path} of virtio-fs '{tag}' does not exist or is not a directory")]
+    FsDir { tag: String, path: PathBuf },
 }
 
 /// Where the guest's serial port goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SerialBackend {
     /// The VMM's stdin/stdout; the terminal goes to raw mode while the guest runs.
     Stdio,
@@ -98,7 +102,7 @@ pub const MAX_DEVICES_PER_KIND: usize = 8;
 pub const MAX_IDE_DISKS: usize = 4;
 
 /// Which device model serves a device class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum DeviceModel {
     /// Paravirtual: virtio over virtio-mmio.
     #[default]
@@ -158,7 +162,7 @@ impl DeviceModel {
 }
 
 /// The transport that carries a virtio device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum VirtioTransport {
     /// virtio-pci (modern, MSI-X): what distribution and `defconfig` kernels find.
     #[default]
@@ -218,7 +222,7 @@ fn parse_options(s: &str) -> Vec<(&str, Option<&str>)> {
 
 /// A disk image given with
 /// `--disk PATH[,readonly][,model=virtio|ide|ide-pio][,transport=pci|mmio][,serial=ID]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub readonly: bool,
@@ -285,7 +289,7 @@ impl FromStr for DiskConfig {
 }
 
 /// A MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl FromStr for MacAddr {
@@ -325,7 +329,7 @@ impl fmt::Display for MacAddr {
 }
 
 /// Which host TAP device a NIC uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TapConfig {
     /// An existing TAP device (or one the VMM may create) with this name.
     Named(String),
@@ -337,7 +341,7 @@ pub enum TapConfig {
 pub const IFNAME_MAX: usize = 15;
 
 /// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio|ne2k|e1000][,transport=pci|mmio]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: TapConfig,
     pub mac: Option<MacAddr>,
@@ -400,7 +404,7 @@ impl FromStr for NetConfig {
 
 /// The paravirtual console given with
 /// `--console virtio[,file=PATH|,stdio|,none][,transport=pci|mmio]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConsoleConfig {
     pub model: DeviceModel,
     pub backend: SerialBackend,
@@ -445,8 +449,79 @@ impl FromStr for ConsoleConfig {
     }
 }
 
+/// Where a virtio-fs share comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FsSource {
+    /// A host directory, served by a virtiofsd the VMM starts (`path=DIR`).
+    Dir { path: PathBuf, readonly: bool },
+    /// The vhost-user socket of a virtiofsd the user runs (`socket=PATH`).
+    Socket(PathBuf),
+}
+
+/// A virtio-fs share given with `--fs tag=T,path=DIR[,readonly][,transport=pci|mmio]` or
+/// `--fs tag=T,socket=PATH[,transport=pci|mmio]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsConfig {
+    /// What the guest mounts: `mount -t virtiofs TAG /mnt`.
+    pub tag: String,
+    pub source: FsSource,
+    /// The virtio transport, when not the VM's default.
+    pub transport: Option<VirtioTransport>,
+}
+
+/// Longest virtio-fs tag (the configuration space's `tag[36]`).
+pub const FS_TAG_MAX: usize = 36;
+
+impl FromStr for FsConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const USAGE: &str = "expected tag=TAG,path=DIR[,readonly] or tag=TAG,socket=PATH, \
+             [,transport=pci|mmio]";
+        let (mut tag, mut path, mut socket, mut readonly, mut transport) =
+            (None, None, None, false, None);
+        for (key, value) in parse_options(s) {
+            match (key, value) {
+                ("tag", Some(t)) => tag = Some(t),
+                ("path", Some(p)) if !p.is_empty() => path = Some(PathBuf::from(p)),
+                ("socket", Some(p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+                ("readonly" | "ro", None) => readonly = true,
+                ("transport", Some(t)) => transport = Some(t.parse()?),
+                (k, _) => return Err(format!("unknown fs option '{k}': {USAGE}")),
+            }
+        }
+        let tag = tag.ok_or_else(|| format!("a virtio-fs share needs a tag: {USAGE}"))?;
+        if tag.is_empty() || tag.len() > FS_TAG_MAX {
+            return Err(format!(
+                "virtio-fs tag '{tag}' must be 1 to {FS_TAG_MAX} bytes"
+            ));
+        }
+        let source = match (path, socket) {
+            (Some(path), None) => FsSource::Dir { path, readonly },
+            (None, Some(_)) if readonly => {
+                return Err(
+                    "readonly applies to path=DIR: a virtiofsd the user runs decides \
+                     itself (e.g. its --readonly)"
+                        .into(),
+                )
+            }
+            (None, Some(sock)) => FsSource::Socket(sock),
+            _ => {
+                return Err(format!(
+                    "a virtio-fs share needs one of path= or socket=: {USAGE}"
+                ))
+            }
+        };
+        Ok(FsConfig {
+            tag: tag.into(),
+            source,
+            transport,
+        })
+    }
+}
+
 /// Everything needed to build and boot one VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: Option<PathBuf>,
@@ -463,10 +538,24 @@ pub struct VmConfig {
     pub metrics: Option<PathBuf>,
     /// Whether each VMM thread runs under its seccomp allow-list (off: `--no-seccomp`).
     pub seccomp: bool,
+    /// The kernel's System.map, for the crash report's symbols (else the ELF kernel's
+    /// `.symtab`, or a System.map found beside the kernel).
+    pub system_map: Option<PathBuf>,
     /// The transport of virtio devices that do not name one (`--virtio-transport`).
     pub virtio_transport: VirtioTransport,
     /// Whether the guest gets ACPI tables (off: `--no-acpi`, MP table only).
     pub acpi: bool,
+    /// Go on when /dev/kvm has no hardware virtualization under it (`--allow-emulated-kvm`).
+    pub allow_emulated_kvm: bool,
+    /// The control socket (`--api-sock`).
+    #[serde(default)]
+    pub api_sock: Option<PathBuf>,
+    /// virtio-fs shares (`--fs`).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
+    /// Guest RAM in a shared memfd even without a virtio-fs device (`--memory-shared`).
+    #[serde(default)]
+    pub memory_shared: bool,
 }
 
 impl VmConfig {
@@ -485,8 +574,13 @@ impl VmConfig {
             serial2: None,
             metrics: None,
             seccomp: true,
+            system_map: None,
             virtio_transport: VirtioTransport::Pci,
             acpi: true,
+            allow_emulated_kvm: false,
+            api_sock: None,
+            fs: Vec::new(),
+            memory_shared: false,
         }
     }
 
@@ -494,6 +588,11 @@ impl VmConfig {
     /// not turn ACPI off.
     pub fn guest_uses_acpi(&self) -> bool {
         self.acpi && !cmdline_disables_acpi(&self.cmdline)
+    }
+
+    /// Whether guest RAM must be a shared memfd: a vhost-user backend maps it.
+    pub fn needs_shared_memory(&self) -> bool {
+        self.memory_shared || !self.fs.is_empty()
     }
 
     /// Guest memory in bytes.
@@ -507,6 +606,11 @@ impl VmConfig {
         if let Some(initrd) = &self.initrd {
             check_input_file("initrd", initrd)?;
         }
+        self.validate_machine()
+    }
+
+    /// Everything but the kernel and initrd files (a restored VM needs neither).
+    pub fn validate_machine(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount(self.vcpus));
         }
@@ -544,6 +648,23 @@ impl VmConfig {
                     what: "disk image",
                     path: disk.path.clone(),
                 });
+            }
+        }
+        if self.fs.len() > MAX_DEVICES_PER_KIND {
+            return Err(ConfigError::TooMany("virtio-fs shares", self.fs.len()));
+        }
+        let mut tags = std::collections::HashSet::new();
+        for fs in &self.fs {
+            if !tags.insert(&fs.tag) {
+                return Err(ConfigError::DuplicateFsTag(fs.tag.clone()));
+            }
+            if let FsSource::Dir { path, .. } = &fs.source {
+                if !path.is_dir() {
+                    return Err(ConfigError::FsDir {
+                        tag: fs.tag.clone(),
+                        path: path.clone(),
+                    });
+                }
             }
         }
         let mut taps = std::collections::HashSet::new();

@@ -2,6 +2,11 @@
 //! descriptors besides stdio. `ferrovm run` checks this after the VM is torn down, so a
 //! device that forgets to join a worker or close a file shows up in the log of every run
 //! (and fails the load tests) instead of only in a long-lived embedding.
+//!
+//! A process starts with whatever its parent left open without `O_CLOEXEC` (a shell's
+//! redirections, a CI runner's pipes): those are not the VMM's to close. `main` reads the
+//! process first thing, before it opens anything, and reports only what came after
+//! ([`Leftovers::since`]).
 
 use std::fs;
 use std::path::Path;
@@ -45,6 +50,15 @@ impl Leftovers {
             fds.push(format!("{fd} -> {}", target.display()));
         }
         Self { threads, fds }
+    }
+
+    /// What is in `self` and was not in `baseline` (read earlier, e.g. at start-up): the
+    /// threads and fds opened since. An fd counts as the same when its number and its target
+    /// are; a number closed and reused for another file is new.
+    pub fn since(mut self, baseline: &Self) -> Self {
+        self.threads.retain(|t| !baseline.threads.contains(t));
+        self.fds.retain(|f| !baseline.fds.contains(f));
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -117,5 +131,54 @@ mod tests {
         let after = Leftovers::of_this_process();
         assert!(!after.threads.contains(&probe), "{after}");
         assert!(!after.fds.iter().any(|f| f.ends_with(&path)), "{after}");
+    }
+
+    #[test]
+    fn what_was_open_at_start_is_not_reported() {
+        let inherited = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let inherited_path = inherited.as_path().display().to_string();
+        let baseline = Leftovers::of_this_process();
+        assert!(
+            baseline.fds.iter().any(|f| f.ends_with(&inherited_path)),
+            "{baseline}"
+        );
+        let opened = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let opened_path = opened.as_path().display().to_string();
+
+        let left = Leftovers::of_this_process().since(&baseline);
+        assert!(
+            !left.fds.iter().any(|f| f.ends_with(&inherited_path)),
+            "{left}"
+        );
+        assert!(left.fds.iter().any(|f| f.ends_with(&opened_path)), "{left}");
+        drop(opened);
+        drop(inherited);
+    }
+
+    #[test]
+    fn an_fd_number_reused_for_another_file_is_new() {
+        let at_start = Leftovers {
+            threads: vec!["tid 7".into()],
+            fds: vec!["10 -> /dev/null".into(), "11 -> pipe:[42]".into()],
+        };
+        let now = Leftovers {
+            threads: vec!["tid 7".into(), "tid 9".into()],
+            fds: vec![
+                "10 -> /dev/null".into(),
+                "11 -> /var/tmp/disk.img".into(),
+                "12 -> anon_inode:kvm-vm".into(),
+            ],
+        };
+        let left = now.since(&at_start);
+        assert_eq!(left.threads, ["tid 9"]);
+        assert_eq!(
+            left.fds,
+            ["11 -> /var/tmp/disk.img", "12 -> anon_inode:kvm-vm"]
+        );
+        let same = Leftovers {
+            threads: Vec::new(),
+            fds: vec!["10 -> /dev/null".into()],
+        };
+        assert!(same.since(&at_start).is_empty());
     }
 }

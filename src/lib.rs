@@ -15,18 +15,27 @@
 //!    reboots, powers off or crashes.
 //!
 //! `seccomp` puts every thread under an allow-list of syscalls once its setup is done.
+//! `crash` says where a guest died (registers, symbols, the console's last lines).
+//! `check` tells whether the host has what ferrovm needs (`ferrovm check`, and the start-up
+//! check for hardware virtualization under /dev/kvm).
 
+pub mod api;
 pub mod arch;
+pub mod check;
 pub mod config;
+pub mod crash;
 pub mod devices;
+pub mod exec;
 /// Fuzz targets and the bounded runner CI uses (tests and the `fuzzing` feature only).
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz;
 pub mod leftovers;
+pub mod migration;
+pub mod persist;
 pub mod seccomp;
 pub mod terminal;
 pub mod vmm;
 pub mod vstate;
 
 pub use config::VmConfig;
-pub use vmm::{ExitReason, Vmm, VmmError};
+pub use vmm::{ExitReason, Outcome, Vmm, VmmError};

@@ -51,7 +51,9 @@ fn help_documents_every_flag() {
         "--console",
         "--serial2",
         "--metrics",
+        "--system-map",
         "--no-seccomp",
+        "--allow-emulated-kvm",
         "model=virtio|ide|ide-pio",
         "model=virtio|ne2k|e1000",
     ] {
@@ -65,15 +67,272 @@ fn help_documents_every_flag() {
         .arg("--help")
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&top.stdout).contains("run"));
-    let version = std::process::Command::new(common::ferrovm_bin())
+    let top = String::from_utf8_lossy(&top.stdout);
+    assert!(top.contains("run"), "{top}");
+    assert!(top.contains("check"), "{top}");
+}
+
+/// Runs `git ARGS` in the repository, if git is there.
+fn git(args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(common::repo_root())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = std::process::Command::new(common::ferrovm_bin())
         .arg("--version")
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&version.stdout).trim(),
-        format!("ferrovm {}", env!("CARGO_PKG_VERSION"))
+    assert!(out.status.success());
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let prefix = format!("ferrovm {} (commit ", env!("CARGO_PKG_VERSION"));
+    let commit = version
+        .strip_prefix(&prefix)
+        .and_then(|v| v.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{version:?} is not '{prefix}COMMIT)'"));
+    match git(&["rev-parse", "--short=12", "HEAD"]) {
+        // Built from this checkout (cargo rebuilt it for this test): HEAD, -dirty when the
+        // sources differ from it.
+        Some(head) => {
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--",
+                "src",
+                "build.rs",
+                "Cargo.toml",
+                "Cargo.lock",
+            ])
+            .is_some_and(|s| !s.is_empty());
+            let want = if dirty { format!("{head}-dirty") } else { head };
+            assert_eq!(commit, want, "{version}");
+        }
+        None => assert_eq!(commit, "unknown", "{version}"),
+    }
+}
+
+/// `ferrovm check --json` with `envs` set, parsed, and its exit status.
+fn check_json(envs: &[(&str, &std::ffi::OsStr)]) -> (serde_json::Value, Option<i32>) {
+    let mut cmd = std::process::Command::new(common::ferrovm_bin());
+    cmd.args(["check", "--json"]);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("check --json printed no JSON ({e}):\n{text}"));
+    (doc, out.status.code())
+}
+
+/// The item `id` of a `check --json` report.
+fn item<'a>(doc: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    doc["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] == id)
+        .unwrap_or_else(|| panic!("no item {id}: {doc}"))
+}
+
+/// Whether this host's KVM is on hardware virtualization, read the way an administrator
+/// would: a vmx or svm CPU flag, and not only the software KVM module loaded.
+fn host_has_hardware_virtualization() -> bool {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let flag = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let module = |m: &str| std::path::Path::new("/sys/module").join(m).exists();
+    flag && (module("kvm_intel") || module("kvm_amd") || !module("kvm_pvm"))
+}
+
+#[test]
+fn check_reports_this_hosts_virtualization() {
+    let hw = host_has_hardware_virtualization();
+    let (doc, code) = check_json(&[]);
+    let hv = item(&doc, "hardware_virtualization");
+    assert_eq!(hv["ok"], hw, "{doc}");
+    assert_eq!(hv["required"], true, "{doc}");
+    if !hw {
+        assert!(
+            hv["detail"]
+                .as_str()
+                .unwrap()
+                .contains("no vmx or svm flag"),
+            "{doc}"
+        );
+        assert!(
+            hv["fix"].as_str().unwrap().contains("scripts/kvm-sandbox"),
+            "{doc}"
+        );
+        assert_eq!(code, Some(1), "{doc}");
+        assert_eq!(doc["ok"], false, "{doc}");
+    }
+    // Every item is ok or has a fix; the exit status follows the required ones.
+    let items = doc["items"].as_array().unwrap();
+    for i in items {
+        assert!(i["ok"] == true || i["fix"].is_string(), "{i}");
+    }
+    let required_missing = items
+        .iter()
+        .any(|i| i["required"] == true && i["ok"] == false);
+    assert_eq!(code, Some(i32::from(required_missing)), "{doc}");
+    for id in [
+        "kvm_device",
+        "KVM_CAP_IRQFD",
+        "KVM_CAP_IOEVENTFD",
+        "KVM_CAP_COALESCED_PIO",
+        "KVM_CAP_IRQ_ROUTING",
+        "KVM_CAP_SIGNAL_MSI",
+        "KVM_CAP_BINARY_STATS_FD",
+        "tap",
+        "virtiofsd",
+    ] {
+        item(&doc, id);
+    }
+    assert_eq!(item(&doc, "KVM_CAP_BINARY_STATS_FD")["required"], false);
+
+    // The text form says the same, one line per item.
+    let out = std::process::Command::new(common::ferrovm_bin())
+        .arg("check")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), code);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(lines.len(), items.len() + 1, "{text}");
+    let want = if hw {
+        "ok       hardware_virtualization: "
+    } else {
+        "missing  hardware_virtualization: "
+    };
+    assert!(lines.iter().any(|l| l.starts_with(want)), "{text}");
+    for l in &lines[..items.len()] {
+        assert!(
+            l.starts_with("ok ") || (l.starts_with("missing ") && l.contains("; fix: ")),
+            "{l}"
+        );
+    }
+}
+
+#[test]
+fn check_names_what_is_missing_and_the_fix() {
+    // A host without vmx/svm, whatever this one has.
+    let (cpuinfo, modules) = common::fake_host("fpu vme hypervisor", &["kvm", "kvm_pvm"]);
+    let (doc, code) = check_json(&[
+        ("FERROVM_TEST_CPUINFO", cpuinfo.as_os_str()),
+        ("FERROVM_TEST_SYS_MODULE", modules.as_os_str()),
+    ]);
+    assert_eq!(code, Some(1), "{doc}");
+    let hv = item(&doc, "hardware_virtualization");
+    assert_eq!(hv["ok"], false, "{doc}");
+    let detail = hv["detail"].as_str().unwrap();
+    assert!(detail.contains("no vmx or svm flag"), "{doc}");
+    assert!(detail.contains("kvm_pvm, a software KVM"), "{doc}");
+    // One with them.
+    let (cpuinfo, modules) = common::fake_host("fpu vme svm", &["kvm", "kvm_amd"]);
+    let (doc, _) = check_json(&[
+        ("FERROVM_TEST_CPUINFO", cpuinfo.as_os_str()),
+        ("FERROVM_TEST_SYS_MODULE", modules.as_os_str()),
+    ]);
+    assert_eq!(item(&doc, "hardware_virtualization")["ok"], true, "{doc}");
+    // No KVM device: said with the fix, and the capabilities cannot be checked.
+    let (doc, code) = check_json(&[("FERROVM_KVM_DEVICE", "/nonexistent/kvm".as_ref())]);
+    assert_eq!(code, Some(1), "{doc}");
+    let dev = item(&doc, "kvm_device");
+    assert_eq!(dev["ok"], false, "{doc}");
+    assert!(
+        dev["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/kvm: the file does not exist"),
+        "{doc}"
     );
+    assert!(
+        item(&doc, "KVM_CAP_IRQFD")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not checked"),
+        "{doc}"
+    );
+    // No TUN device: optional, so it alone would not fail the check.
+    let (doc, _) = check_json(&[("FERROVM_TUN_DEVICE", "/nonexistent/tun".as_ref())]);
+    let tap = item(&doc, "tap");
+    assert_eq!(
+        (tap["ok"].clone(), tap["required"].clone()),
+        (false.into(), false.into()),
+        "{doc}"
+    );
+    assert!(
+        tap["detail"].as_str().unwrap().contains("modprobe tun"),
+        "{doc}"
+    );
+}
+
+#[test]
+fn run_without_hardware_virtualization_fails_at_start() {
+    let a = artifacts();
+    let out = Vm::new()
+        .arg("--kernel")
+        .arg(&a.vmlinux)
+        .arg("--initrd")
+        .arg(&a.initramfs)
+        .as_if_kvm_were_emulated()
+        .run();
+    // The KVM device's own errors come first: on a host where it does not open, that is
+    // what the user is told.
+    let (doc, _) = check_json(&[]);
+    if item(&doc, "kvm_device")["ok"] == false {
+        assert_fails_with(&out, 1, "Failed to open /dev/kvm");
+        return;
+    }
+    assert_fails_with(
+        &out,
+        1,
+        "ferrovm: error: Failed to find hardware virtualization under /dev/kvm: no vmx or svm flag",
+    );
+    assert_eq!(out.reason(), out.stderr.trim(), "one line\n{}", out.dump());
+    assert!(out.stderr.contains("scripts/kvm-sandbox"), "{}", out.dump());
+    assert!(
+        out.stderr.contains("--allow-emulated-kvm"),
+        "{}",
+        out.dump()
+    );
+    // Stopped before any guest ran: no console output at all.
+    assert_eq!(out.stdout, "", "{}", out.dump());
+}
+
+#[test]
+fn inherited_fds_are_not_reported_as_left_behind() {
+    // The shell opens fds 7 (a file) and 8 (a pipe) without close-on-exec, as a CI runner or
+    // a shell redirection does, and ferrovm inherits them.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("exec 7</dev/null; exec 8<&0; exec \"$0\" run --kernel /nonexistent/vmlinux")
+        .arg(common::ferrovm_bin())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Failed to open the kernel /nonexistent/vmlinux"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("VMM torn down: no threads or file descriptors left behind"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("left behind:"), "{stderr}");
 }
 
 #[test]
@@ -242,6 +501,32 @@ fn unwritable_metrics_file_is_named() {
         1,
         "Failed to write the metrics file /nonexistent/dir/metrics.json",
     );
+}
+
+#[test]
+fn bad_system_map_is_named() {
+    let a = artifacts();
+    let vmlinux = a.vmlinux.to_str().unwrap();
+    let out = run(&[
+        "--kernel",
+        vmlinux,
+        "--system-map",
+        "/nonexistent/System.map",
+    ]);
+    assert_fails_with(
+        &out,
+        1,
+        "Failed to open the System.map /nonexistent/System.map",
+    );
+    let not_a_map = write_temp("not-a-map", b"this is not nm output\n");
+    let out = run(&[
+        "--kernel",
+        vmlinux,
+        "--system-map",
+        not_a_map.to_str().unwrap(),
+    ]);
+    assert_fails_with(&out, 1, "its first line is not `ADDRESS TYPE NAME`");
+    let _ = std::fs::remove_file(not_a_map);
 }
 
 #[test]

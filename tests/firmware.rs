@@ -79,6 +79,15 @@ fn a_panic_resetting_through_acpi_is_still_a_failure() {
         .run();
     assert_eq!(out.code, Some(1), "{}", out.dump());
     assert!(out.reason().contains("kernel panic"), "{}", out.dump());
+    // The crash report has the registers of the vCPU that wrote the reset register, RIP
+    // symbolized from the vmlinux.
+    assert!(
+        out.stderr
+            .lines()
+            .any(|l| l.trim_start().starts_with("RIP 0xffffffff") && l.contains("+0x")),
+        "{}",
+        out.dump()
+    );
 }
 
 /// Boots with one 16 MiB virtio disk on `transport` and `cmdline` (before ` -- `), and has
@@ -86,13 +95,14 @@ fn a_panic_resetting_through_acpi_is_still_a_failure() {
 fn boot_with_disk(transport: &str, cmdline: &str, extra: &[&str]) -> common::Output {
     let img = TempFile::sparse("fw.img", 16 << 20);
     let mut vm = Vm::guest();
+    // One `eval` word: the kernel hands init at most about 30 arguments.
     vm.arg("--cmdline")
         .arg(format!(
-            "{cmdline} -- test -b /dev/vda && echo disk=yes; \
+            "{cmdline} -- eval \"test -b /dev/vda && echo disk=yes; \
              test -d /sys/firmware/acpi/tables && echo acpi=yes || echo acpi=no; \
              dd if=/dev/vda of=/dev/null bs=64k count=64 iflag=direct 2>/dev/null && echo read=ok; \
              echo msi=$(grep -c PCI-MSI /proc/interrupts); \
-             echo mmioparam=$(grep -c virtio_mmio.device= /proc/cmdline)"
+             echo mmioparam=$(grep -c virtio_mmio[.]device= /proc/cmdline)\""
         ))
         .arg("--disk")
         .arg(format!("{},transport={transport}", img.0.display()));

@@ -49,7 +49,7 @@ fn run_with_trigger(kind: &str, extra: &[&str]) -> Output {
 fn assert_stopped_by_sandbox(out: &Output, thread: &str) {
     assert_eq!(out.code, Some(SECCOMP_EXIT), "{}", out.dump());
     let expected = format!(
-        "ferrovm: seccomp: thread '{thread}' made forbidden syscall 41 (socket); \
+        "ferrovm: seccomp: thread '{thread}' made forbidden syscall 49 (bind); \
          the VMM stops (run with --no-seccomp to debug)"
     );
     assert!(

@@ -26,12 +26,17 @@ def kvm_hw():
         return False
 
 
-def ferro(model, label, peer):
-    return {"name": f"ferrovm-{model}", "label": label, "kind": "ferrovm", "model": model, "peer": peer}
+def ferro(model, label, peer, transport=None):
+    """A ferrovm subject; virtio ones name their transport (pci, mmio) in name and label."""
+    name = f"ferrovm-{model}" + (f"-{transport}" if transport else "")
+    return {"name": name, "label": label, "kind": "ferrovm", "model": model, "peer": peer,
+            "transport": transport}
 
 
-def qemu(model, label):
-    return {"name": f"qemu-{model}", "label": label, "kind": "qemu", "model": model}
+def qemu(model, label, transport=None):
+    """A QEMU subject; virtio over pci runs on `-M pc` (virtio-*-pci), over mmio on microvm."""
+    name = f"qemu-{model}" + ("-pci" if transport == "pci" else "")
+    return {"name": name, "label": label, "kind": "qemu", "model": model, "transport": transport}
 
 
 def host(label):
@@ -140,6 +145,9 @@ class Boot:
     MEM_MIB = 256
     FIGURES = [("boot_s", "boot to userspace", "s", "lower")]
     SUBJECTS = [ferro("boot", "ferrovm", "qemu-microvm"),
+                # The same without ACPI tables (MP table only), as ferrovm booted before it
+                # had them: what ACPI costs at boot.
+                dict(ferro("boot", "ferrovm --no-acpi", "qemu-microvm"), name="ferrovm-boot-noacpi"),
                 {"name": "qemu-microvm", "label": "QEMU microvm", "kind": "qemu", "model": "boot"}]
 
     def __init__(self, art, args, p):
@@ -148,6 +156,9 @@ class Boot:
         self.commands = {
             "ferrovm-boot": [vms.FERROVM, "run", "--kernel", art["vmlinux"], "--initrd", art["initramfs"],
                              "--memory", str(self.MEM_MIB), "--serial", "stdio", "--cmdline", cmdline],
+            "ferrovm-boot-noacpi": [vms.FERROVM, "run", "--kernel", art["vmlinux"], "--initrd",
+                                    art["initramfs"], "--memory", str(self.MEM_MIB), "--serial",
+                                    "stdio", "--no-acpi", "--cmdline", cmdline],
             "qemu-microvm": [vms.qemu_binary() or "qemu-system-x86_64",
                              "-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-accel", "kvm",
                              "-cpu", "host", "-m", str(self.MEM_MIB), "-smp", "1", "-nodefaults",
@@ -268,7 +279,10 @@ class Block(VmClass):
     ]
     CHART = ["seq_read_mbps", "seq_write_mbps", "rand_read_qd1_iops", "rand_read_qd16_iops"]
     SUBJECTS = [host("host file"), container("container"),
-                ferro("virtio", "ferrovm virtio-blk", "qemu-virtio"), qemu("virtio", "QEMU virtio-blk"),
+                ferro("virtio", "ferrovm virtio-blk-pci", "qemu-virtio-pci", "pci"),
+                qemu("virtio", "QEMU virtio-blk-pci (pc)", "pci"),
+                ferro("virtio", "ferrovm virtio-blk (mmio)", "qemu-virtio", "mmio"),
+                qemu("virtio", "QEMU virtio-blk (microvm mmio)", "mmio"),
                 ferro("ide-pio", "ferrovm IDE (PIO)", "qemu-ide"), qemu("ide", "QEMU IDE (PIO)"),
                 # Bus-master DMA, what ata_piix picks by default on both: ferrovm's
                 # `model=ide` against QEMU's IDE with the guest free to use DMA.
@@ -341,7 +355,7 @@ class Block(VmClass):
 
     def device(self, subject):
         return {"kind": "disk", "model": subject["model"], "path": self.disk,
-                "dma": subject.get("dma", False)}
+                "dma": subject.get("dma", False), "transport": subject.get("transport")}
 
     def guest_script(self, subject):
         dev = "vda" if subject["model"] == "virtio" else "sda"
@@ -473,7 +487,10 @@ class Net(VmClass):
     ]
     CHART = ["tcp_tx_gbps", "tcp_rx_gbps", "rtt_p50_ms"]
     SUBJECTS = [host("host loopback"), container("container (veth)"),
-                ferro("virtio", "ferrovm virtio-net", "qemu-virtio"), qemu("virtio", "QEMU virtio-net"),
+                ferro("virtio", "ferrovm virtio-net-pci", "qemu-virtio-pci", "pci"),
+                qemu("virtio", "QEMU virtio-net-pci (pc)", "pci"),
+                ferro("virtio", "ferrovm virtio-net (mmio)", "qemu-virtio", "mmio"),
+                qemu("virtio", "QEMU virtio-net (microvm mmio)", "mmio"),
                 ferro("ne2k", "ferrovm ne2k", "qemu-ne2k"), qemu("ne2k", "QEMU ne2k_pci"),
                 ferro("e1000", "ferrovm e1000", "qemu-e1000"), qemu("e1000", "QEMU e1000 (pc)")]
 
@@ -525,7 +542,8 @@ class Net(VmClass):
         return t if subject["kind"] in ("host", "container") else t + self.vm_overhead()
 
     def device(self, subject):
-        return {"kind": "nic", "model": subject["model"], "tap": self.TAP}
+        return {"kind": "nic", "model": subject["model"], "tap": self.TAP,
+                "transport": subject.get("transport")}
 
     def client_commands(self, server, model=None, wrap=""):
         """The client side: iperf3 both ways, then ping. ne2k (ferrovm's and QEMU's alike)
@@ -644,8 +662,10 @@ class Stream(VmClass):
     CHART = ["stream_mbps"]
     DRAIN_S = 30
     SUBJECTS = [ferro("uart", "ferrovm UART (ttyS1)", "qemu-uart"), qemu("uart", "QEMU UART (pc)"),
-                ferro("virtio-console", "ferrovm virtio-console", "qemu-virtio-console"),
-                qemu("virtio-console", "QEMU virtio-console")]
+                ferro("virtio-console", "ferrovm virtio-console (pci)", "qemu-virtio-console-pci", "pci"),
+                qemu("virtio-console", "QEMU virtio-console-pci (pc)", "pci"),
+                ferro("virtio-console", "ferrovm virtio-console (mmio)", "qemu-virtio-console", "mmio"),
+                qemu("virtio-console", "QEMU virtio-console (microvm mmio)", "mmio")]
 
     def __init__(self, art, args, p):
         super().__init__(art, args, p)
@@ -664,7 +684,7 @@ class Stream(VmClass):
 
     def device(self, subject):
         return {"kind": "uart" if subject["model"] == "uart" else "console", "model": subject["model"],
-                "path": self.out}
+                "path": self.out, "transport": subject.get("transport")}
 
     def metrics_pick(self, subject):
         name = "ttyS1" if subject["model"] == "uart" else "hvc0"
@@ -712,8 +732,93 @@ class Stream(VmClass):
                 "guest_seconds": t1 - t0}
 
 
+# ---------------------------------------------------------------------------------------
+# Exec: ferrovm exec against virtme-ng (vng), both booting the project's kernel on the
+# host's files and running one command.
+# ---------------------------------------------------------------------------------------
+# A few thousand files every Debian machine with the build packages has.
+EXEC_TREE = os.environ.get("FERROVM_BENCH_EXEC_TREE",
+                           "/usr/lib/python3.11 /usr/include/linux /usr/include/c++")
+EXEC_HASH = f"find {EXEC_TREE} -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum"
+
+
+class Exec:
+    """Wall time of one command run in a fresh VM on the host's files: `true` (the cost of
+    the loop itself) and hashing a source tree of a few thousand files (virtio-fs, or
+    whatever vng shares the root with), for ferrovm exec and virtme-ng on QEMU, the same
+    kernel, alternating runs (median of --repeat, default 5)."""
+
+    name = "exec"
+    FIGURES = [("true_s", "exec -- true", "s", "lower"),
+               ("hash_s", "exec -- hash a source tree", "s", "lower")]
+    SUBJECTS = [{"name": "ferrovm-exec", "label": "ferrovm exec", "kind": "ferrovm",
+                 "model": "exec", "peer": "vng"},
+                {"name": "vng", "label": "virtme-ng (vng -r, QEMU)", "kind": "qemu",
+                 "model": "exec"}]
+
+    def __init__(self, art, args, p):
+        self.art, self.p = art, p
+        self.kernel = os.environ.get("FERROVM_BENCH_EXEC_KERNEL", art["bzimage"])
+        self.cpus = str(getattr(args, "cpus", None) or 1)
+        self.expected = None
+
+    def setup(self):
+        # The reference hash, computed on the host: every VM must print the same.
+        self.expected = sh("sh", "-c", EXEC_HASH).split()[0]
+
+    def teardown(self):
+        pass
+
+    def estimate(self, subject):
+        return 2 * (40 if os.environ.get("FERROVM_SANDBOX_MODE") == "nested" or not kvm_hw() else 3)
+
+    def describe(self):
+        return (f"kernel {self.kernel}, {self.cpus} vCPU(s); `true`, then `{EXEC_HASH}` "
+                f"({EXEC_TREE}); wall time of the whole command, VM start to exit.")
+
+    def figures_of(self, subject):
+        return self.FIGURES
+
+    def command(self, subject, argv):
+        if subject["name"] == "ferrovm-exec":
+            return [vms.FERROVM, "exec", "--kernel", self.kernel, "--cpus", self.cpus,
+                    "--timeout", str(self.p["vm_timeout"]), "--"] + argv
+        vng = shutil.which("vng")
+        if not vng:
+            raise Unavailable("virtme-ng is not installed (pip install virtme-ng)")
+        return [vng, "-r", self.kernel, "--cpus", self.cpus, "--"] + argv
+
+    def timed(self, subject, argv):
+        cmd = self.command(subject, argv)
+        env = dict(os.environ)
+        if subject["name"] == "vng" and os.path.isdir("/dev/shm"):
+            # vng puts virtiofsd's socket in TMPDIR; the sandbox's /tmp (9p) takes none.
+            env["TMPDIR"] = "/dev/shm"
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                                  timeout=self.p["vm_timeout"], env=env)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"{' '.join(cmd)} timed out")
+        secs = time.monotonic() - start
+        if proc.returncode != 0:
+            raise GuestError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
+                             f"{proc.stderr.decode(errors='replace')[-2000:]}")
+        return secs, proc.stdout.decode(errors="replace")
+
+    def run(self, subject):
+        true_s, _ = self.timed(subject, ["true"])
+        hash_s, out = self.timed(subject, ["sh", "-c", EXEC_HASH])
+        got = out.split()[0] if out.split() else ""
+        if got != self.expected:
+            raise GuestError(f"{subject['name']}: the tree hashed to {got!r}, the host says "
+                             f"{self.expected!r}")
+        log(f"exec: {subject['name']}: true {true_s:.2f} s, hash {hash_s:.2f} s")
+        return {"figures": {"true_s": true_s, "hash_s": hash_s}}
+
+
 def vcpus(n):
     return f"{n} vCPU" + ("s" if n != 1 else "")
 
 
-CLASSES = {"boot": Boot, "block": Block, "net": Net, "stream": Stream}
+CLASSES = {"boot": Boot, "block": Block, "net": Net, "stream": Stream, "exec": Exec}

@@ -84,7 +84,7 @@ def estimate(objs, only, p):
     """Seconds per case run, in the order they will run."""
     out = []
     for cls, obj in objs.items():
-        reps = p["repeat_boot"] if cls == "boot" else p["repeat"]
+        reps = p["repeat_boot"] if cls in ("boot", "exec") else p["repeat"]
         out += [obj.estimate(s) for _ in range(reps) for s in subjects_of(cls, only)]
     return out
 
@@ -96,7 +96,7 @@ def rotated(items, i):
 
 
 def run_class(cls, obj, subjects, p, progress, res):
-    reps = p["repeat_boot"] if cls == "boot" else p["repeat"]
+    reps = p["repeat_boot"] if cls in ("boot", "exec") else p["repeat"]
     for i in range(reps):
         for s in rotated(subjects, i):
             what = f"{cls} {i + 1}/{reps}: {s['label']}"
@@ -206,7 +206,7 @@ def main():
             continue
         finally:
             obj.teardown()
-        reps = p["repeat_boot"] if cls == "boot" else p["repeat"]
+        reps = p["repeat_boot"] if cls in ("boot", "exec") else p["repeat"]
         if any(len(res["runs"][s["name"]]) < reps for s in subjects if s["name"] not in res["unavailable"]):
             failed = True
         results["done"].append(cls)

@@ -15,11 +15,15 @@ from .common import ROOT, log, summarize
 
 GOALS = [
     # (class, figure, numerator subject, denominator subject, minimum, text)
-    ("block", "seq_read_mbps", "ferrovm-virtio", "qemu-virtio", 1.0, "virtio-blk sequential read >= 1.0x QEMU virtio-blk"),
-    ("block", "seq_write_mbps", "ferrovm-virtio", "qemu-virtio", 1.0, "virtio-blk sequential write >= 1.0x QEMU virtio-blk"),
-    ("block", "rand_read_qd1_iops", "ferrovm-virtio", "qemu-virtio", 1.0, "virtio-blk 4 KiB random read IOPS >= 1.0x QEMU"),
-    ("net", "tcp_tx_gbps", "ferrovm-virtio", "qemu-virtio", 1.0, "virtio-net TCP guest->host >= 1.0x QEMU virtio-net"),
-    ("net", "tcp_rx_gbps", "ferrovm-virtio", "qemu-virtio", 1.0, "virtio-net TCP host->guest >= 1.0x QEMU virtio-net"),
+    ("block", "seq_read_mbps", "ferrovm-virtio-pci", "qemu-virtio-pci", 1.0, "virtio-blk-pci sequential read >= 1.0x QEMU virtio-blk-pci"),
+    ("block", "seq_write_mbps", "ferrovm-virtio-pci", "qemu-virtio-pci", 1.0, "virtio-blk-pci sequential write >= 1.0x QEMU virtio-blk-pci"),
+    ("block", "rand_read_qd1_iops", "ferrovm-virtio-pci", "qemu-virtio-pci", 1.0, "virtio-blk-pci 4 KiB random read IOPS >= 1.0x QEMU"),
+    ("block", "seq_read_mbps", "ferrovm-virtio-mmio", "qemu-virtio", 1.0, "virtio-blk (mmio) sequential read >= 1.0x QEMU virtio-blk (mmio)"),
+    ("block", "seq_write_mbps", "ferrovm-virtio-mmio", "qemu-virtio", 1.0, "virtio-blk (mmio) sequential write >= 1.0x QEMU virtio-blk (mmio)"),
+    ("net", "tcp_tx_gbps", "ferrovm-virtio-pci", "qemu-virtio-pci", 1.0, "virtio-net-pci TCP guest->host >= 1.0x QEMU virtio-net-pci"),
+    ("net", "tcp_rx_gbps", "ferrovm-virtio-pci", "qemu-virtio-pci", 1.0, "virtio-net-pci TCP host->guest >= 1.0x QEMU virtio-net-pci"),
+    ("net", "tcp_tx_gbps", "ferrovm-virtio-mmio", "qemu-virtio", 1.0, "virtio-net (mmio) TCP guest->host >= 1.0x QEMU virtio-net (mmio)"),
+    ("net", "tcp_rx_gbps", "ferrovm-virtio-mmio", "qemu-virtio", 1.0, "virtio-net (mmio) TCP host->guest >= 1.0x QEMU virtio-net (mmio)"),
     ("block", "seq_read_mbps", "ferrovm-ide-pio", "qemu-ide", 1.0, "IDE sequential read >= 1.0x QEMU's IDE (both PIO)"),
     ("block", "seq_write_mbps", "ferrovm-ide-pio", "qemu-ide", 1.0, "IDE sequential write >= 1.0x QEMU's IDE (both PIO)"),
     ("block", "seq_read_mbps", "ferrovm-ide", "qemu-ide-udma", 1.0, "IDE sequential read >= 1.0x QEMU's IDE (both DMA)"),
@@ -28,8 +32,13 @@ GOALS = [
     ("net", "tcp_rx_gbps", "ferrovm-e1000", "qemu-e1000", 1.0, "e1000 TCP host->guest >= 1.0x QEMU's e1000"),
     ("net", "tcp_tx_gbps", "ferrovm-ne2k", "qemu-ne2k", 1.0, "ne2k TCP guest->host >= 1.0x QEMU's ne2k_pci"),
     ("net", "tcp_rx_gbps", "ferrovm-ne2k", "qemu-ne2k", 1.0, "ne2k TCP host->guest >= 1.0x QEMU's ne2k_pci"),
-    ("block", "seq_read_mbps", "ferrovm-virtio", "host", 0.8, "virtio-blk sequential read >= 0.8x the host file"),
-    ("block", "seq_write_mbps", "ferrovm-virtio", "host", 0.8, "virtio-blk sequential write >= 0.8x the host file"),
+    ("block", "seq_read_mbps", "ferrovm-virtio-pci", "host", 0.8, "virtio-blk-pci sequential read >= 0.8x the host file"),
+    ("block", "seq_write_mbps", "ferrovm-virtio-pci", "host", 0.8, "virtio-blk-pci sequential write >= 0.8x the host file"),
+    # Lower is better for boot time: the ratio is the time without ACPI over the time with.
+    ("boot", "boot_s", "ferrovm-boot-noacpi", "ferrovm-boot", 1.0, "boot with ACPI no slower than without (--no-acpi time / ACPI time >= 1.0)"),
+    # Lower is better: the ratio is vng's time over ferrovm's (2.0 = ferrovm in half the time).
+    ("exec", "true_s", "vng", "ferrovm-exec", 2.0, "ferrovm exec -- true in <= 0.5x the time of vng -- true"),
+    ("exec", "hash_s", "vng", "ferrovm-exec", 1.0, "hashing a source tree under ferrovm exec no slower than under vng"),
 ]
 
 
@@ -225,7 +234,7 @@ def write(out_dir, results, quiet=True):
             continue
         figs = CLASSES[cls].FIGURES
         lines += [f"## {TITLES[cls]}", "", res["describe"],
-                  f"Runs per subject: {results['params']['repeat_boot' if cls == 'boot' else 'repeat']}; "
+                  f"Runs per subject: {results['params']['repeat_boot' if cls in ('boot', 'exec') else 'repeat']}; "
                   "cells: **median** (min–max).", ""]
         lines += figure_table(res, figs) + [""]
         rt = ratio_table(res, figs)

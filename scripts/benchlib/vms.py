@@ -28,14 +28,15 @@ def ferrovm_command(art, cpus, memory, cmd, dev, metrics=None):
     argv = [FERROVM, "run", "--kernel", art["vmlinux"], "--initrd", art["initramfs_bench"],
             "--cpus", str(cpus), "--memory", str(memory), "--serial", "stdio"]
     kind = dev["kind"]
+    transport = f",transport={dev['transport']}" if dev.get("transport") else ""
     if kind == "disk":
-        argv += ["--disk", f"{dev['path']},model={dev['model']}"]
+        argv += ["--disk", f"{dev['path']},model={dev['model']}{transport}"]
     elif kind == "nic":
-        argv += ["--net", f"tap={dev['tap']},mac={GUEST_MAC},model={dev['model']}"]
+        argv += ["--net", f"tap={dev['tap']},mac={GUEST_MAC},model={dev['model']}{transport}"]
     elif kind == "uart":
         argv += ["--serial2", f"file={dev['path']}"]
     elif kind == "console":
-        argv += ["--console", f"virtio,file={dev['path']}"]
+        argv += ["--console", f"virtio,file={dev['path']}{transport}"]
     if metrics:
         argv += ["--metrics", metrics]
     # ferrovm adds its virtio_mmio.device= parameters before " -- " itself.
@@ -43,9 +44,11 @@ def ferrovm_command(art, cpus, memory, cmd, dev, metrics=None):
 
 
 def qemu_command(art, cpus, memory, cmd, dev):
-    """QEMU microvm for the virtio models, QEMU pc (PIIX3 IDE, ne2k_pci or e1000, a second
-    ISA UART) for the emulated ones. pc boots through SeaBIOS: its boot time says nothing."""
-    virtio = dev["model"] in ("virtio", "virtio-console")
+    """QEMU microvm for the virtio models over mmio; QEMU pc for virtio-pci (modern only,
+    disable-legacy=on, as ferrovm's) and for the emulated models (PIIX3 IDE, ne2k_pci or
+    e1000, a second ISA UART). pc boots through SeaBIOS: its boot time says nothing."""
+    pci = dev.get("transport") == "pci"
+    virtio = dev["model"] in ("virtio", "virtio-console") and not pci
     argv = [qemu_binary() or "qemu-system-x86_64"]
     if virtio:
         argv += ["-M", QEMU_MICROVM]
@@ -62,15 +65,18 @@ def qemu_command(art, cpus, memory, cmd, dev):
     if kind == "disk":
         argv += ["-drive", f"id=d0,file={dev['path']},format=raw,if=none,cache=writeback,aio=threads"]
         argv += (["-device", "virtio-blk-device,drive=d0,num-queues=1"] if virtio
+                 else ["-device", "virtio-blk-pci,drive=d0,num-queues=1,disable-legacy=on"] if pci
                  else ["-device", "ide-hd,drive=d0,bus=ide.0"])
     elif kind == "nic":
-        nic = {"virtio": "virtio-net-device", "e1000": "e1000"}.get(dev["model"], "ne2k_pci")
+        model = ("virtio-net-device" if virtio else "virtio-net-pci,disable-legacy=on" if pci
+                 else "e1000" if dev["model"] == "e1000" else "ne2k_pci")
         argv += ["-netdev", f"tap,id=n0,ifname={dev['tap']},script=no,downscript=no,vhost=off",
-                 "-device", f"{nic},netdev=n0,mac={GUEST_MAC}"]
+                 "-device", f"{model},netdev=n0,mac={GUEST_MAC}"]
     elif kind == "uart":
         argv += ["-serial", f"file:{dev['path']}"]
     elif kind == "console":
-        argv += ["-device", "virtio-serial-device", "-chardev", f"file,id=c0,path={dev['path']}",
+        serial = ("virtio-serial-device" if virtio else "virtio-serial-pci,disable-legacy=on")
+        argv += ["-device", serial, "-chardev", f"file,id=c0,path={dev['path']}",
                  "-device", "virtconsole,chardev=c0"]
     if virtio:
         # microvm has no i8042: reboot=t ends it through a triple fault (with -no-reboot).

@@ -7,8 +7,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestAddress;
 
+use crate::devices::virtio::guest_write::{guest_slices, ChainWriter, GuestSlice};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Disks are addressed in 512-byte sectors by both models.
@@ -43,10 +44,11 @@ pub trait BlockBackend: Send {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes `buf` at `offset`.
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
-    /// Reads `len` bytes at `offset` into guest memory at `addr`.
+    /// Reads `len` bytes at `offset` into guest memory at `addr`, a buffer of the chain
+    /// `dst` writes (the only way a backend writes guest memory, see `guest_write`).
     fn read_to(
         &mut self,
-        mem: &GuestMemoryMmap,
+        dst: &ChainWriter,
         addr: GuestAddress,
         offset: u64,
         len: usize,
@@ -64,11 +66,11 @@ pub trait BlockBackend: Send {
     /// Reads one request's worth of data at `offset` into guest buffers, one after the other.
     fn read_vectored_to(
         &mut self,
-        mem: &GuestMemoryMmap,
+        dst: &ChainWriter,
         bufs: &[GuestBuf],
         offset: u64,
     ) -> io::Result<()> {
-        each_buf(bufs, offset, |b, at| self.read_to(mem, b.addr, at, b.len))
+        each_buf(bufs, offset, |b, at| self.read_to(dst, b.addr, at, b.len))
     }
     /// Writes the guest buffers, one after the other, at `offset`.
     fn write_vectored_from(
@@ -143,6 +145,12 @@ impl RawFile {
         }
         Ok(Self { file, size })
     }
+
+    /// A second handle on the image (a migration flushes it before the destination opens
+    /// the file).
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
 }
 
 pub(crate) fn guest_io_error(e: vm_memory::GuestMemoryError) -> io::Error {
@@ -164,12 +172,12 @@ impl BlockBackend for RawFile {
 
     fn read_to(
         &mut self,
-        mem: &GuestMemoryMmap,
+        dst: &ChainWriter,
         addr: GuestAddress,
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
-        self.read_vectored_to(mem, &[GuestBuf { addr, len }], offset)
+        self.read_vectored_to(dst, &[GuestBuf { addr, len }], offset)
     }
 
     fn write_from(
@@ -188,11 +196,13 @@ impl BlockBackend for RawFile {
 
     fn read_vectored_to(
         &mut self,
-        mem: &GuestMemoryMmap,
+        dst: &ChainWriter,
         bufs: &[GuestBuf],
         offset: u64,
     ) -> io::Result<()> {
-        guest_io_at(&self.file, mem, bufs, offset, Direction::FileToGuest)
+        dst.write_raw(bufs, |slices| {
+            guest_io_at(&self.file, slices, offset, Direction::FileToGuest)
+        })
     }
 
     fn write_vectored_from(
@@ -201,7 +211,8 @@ impl BlockBackend for RawFile {
         bufs: &[GuestBuf],
         offset: u64,
     ) -> io::Result<()> {
-        guest_io_at(&self.file, mem, bufs, offset, Direction::GuestToFile)
+        let slices = guest_slices(mem, bufs)?;
+        guest_io_at(&self.file, &slices, offset, Direction::GuestToFile)
     }
 
     /// A duplicated descriptor: every access is positional, so the shared file offset of
@@ -223,30 +234,20 @@ enum Direction {
 /// At most this many buffers per preadv/pwritev (Linux's UIO_MAXIOV).
 const IOV_MAX: usize = 1024;
 
-/// Moves data between the file at `offset` and guest buffers with preadv/pwritev: one
-/// system call for a whole request whatever its number of segments, no bounce buffer, and
-/// no file offset shared between the threads that use duplicates of the descriptor.
+/// Moves data between the file at `offset` and guest buffers (their host mappings, one
+/// slice per buffer and guest memory region) with preadv/pwritev: one system call for a
+/// whole request whatever its number of segments, no bounce buffer, and no file offset
+/// shared between the threads that use duplicates of the descriptor.
 fn guest_io_at(
     file: &File,
-    mem: &GuestMemoryMmap,
-    bufs: &[GuestBuf],
+    slices: &[GuestSlice<'_>],
     mut offset: u64,
     direction: Direction,
 ) -> io::Result<()> {
-    // A buffer may span two guest memory regions: one host slice per region.
-    let mut slices = Vec::with_capacity(bufs.len());
-    for b in bufs {
-        for slice in mem.get_slices(b.addr, b.len) {
-            let slice = slice.map_err(guest_io_error)?;
-            if !slice.is_empty() {
-                slices.push(slice);
-            }
-        }
-    }
     let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
     let mut iovs: Vec<libc::iovec> = guards
         .iter()
-        .zip(&slices)
+        .zip(slices)
         .map(|(g, s)| libc::iovec {
             iov_base: g.as_ptr().cast(),
             iov_len: s.len(),
@@ -259,10 +260,10 @@ fn guest_io_at(
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let count = batch.len() as libc::c_int;
         let done = match direction {
-            // SAFETY: every iovec points into a slice of `mem` that get_slices bounds-checked
-            // against a mapped guest region; `slices` and `guards` keep those mappings and
-            // pointers alive until after the call, and the kernel writes at most iov_len bytes
-            // into each. The guest may touch the same memory meanwhile, which is the
+            // SAFETY: every iovec points into a slice of guest memory that get_slices
+            // bounds-checked against a mapped guest region; `slices` and `guards` keep those
+            // mappings and pointers alive until after the call, and the kernel writes at most
+            // iov_len bytes into each. The guest may touch the same memory meanwhile, which is the
             // volatile-memory contract vm-memory's own read_volatile works under.
             Direction::FileToGuest => unsafe {
                 libc::preadv(file.as_raw_fd(), batch.as_ptr(), count, off)
@@ -314,6 +315,7 @@ impl AsRawFd for RawFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::guest_write::test_utils::{test_writer, writable_chain};
     use vm_memory::Bytes;
 
     #[test]
@@ -331,11 +333,14 @@ mod tests {
         disk.read_at(1024, &mut back).unwrap();
         assert_eq!(back, [7u8; 512]);
         disk.write_at(2048, &[9u8; 512]).unwrap();
-        disk.read_to(&mem, GuestAddress(0x3000), 2048, 512).unwrap();
+        let writer = test_writer(&mem);
+        let chain = writable_chain(&[(0x1000, 512), (0x3000, 512)]);
+        let dst = writer.chain(&chain);
+        disk.read_to(&dst, GuestAddress(0x3000), 2048, 512).unwrap();
         mem.read_slice(&mut back, GuestAddress(0x3000)).unwrap();
         assert_eq!(back, [9u8; 512]);
         assert!(
-            disk.read_to(&mem, GuestAddress(0x1000), 8192, 512).is_err(),
+            disk.read_to(&dst, GuestAddress(0x1000), 8192, 512).is_err(),
             "past EOF"
         );
         assert!(
@@ -376,7 +381,11 @@ mod tests {
         // A clone reads what the first handle wrote, into other buffers, at its own offset.
         let mut clone = disk.try_clone().unwrap();
         let bufs = [buf(0x8000, 1024), buf(0x2000, 512)];
-        clone.read_vectored_to(&mem, &bufs, 4096).unwrap();
+        let writer = test_writer(&mem);
+        let chain = writable_chain(&[(0x8000, 1024), (0x2000, 512)]);
+        clone
+            .read_vectored_to(&writer.chain(&chain), &bufs, 4096)
+            .unwrap();
         let mut got = vec![0u8; 1536];
         mem.read_slice(&mut got[..1024], GuestAddress(0x8000))
             .unwrap();
@@ -386,7 +395,9 @@ mod tests {
         clone.flush().unwrap();
 
         // Past the end of the file, or of guest memory: an error, not a short transfer.
-        assert!(clone.read_vectored_to(&mem, &bufs, 16384 - 512).is_err());
+        assert!(clone
+            .read_vectored_to(&writer.chain(&chain), &bufs, 16384 - 512)
+            .is_err());
         let outside = [buf(0x1_ff00, 512)];
         assert!(clone.write_vectored_from(&mem, &outside, 0).is_err());
     }

@@ -14,8 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{AcpiConfig, MmioDevice};
 use crate::arch::x86_64::layout::{
-    ACPI_PM_PORT, ACPI_PM_PORT_LEN, DEVICE_IRQS, I8042_PORT, I8042_PORT_LEN, IDE_PORT_LEN,
-    IDE_PRIMARY_CTL_PORT, IDE_PRIMARY_IRQ, IDE_PRIMARY_PORT, IDE_SECONDARY_CTL_PORT,
+    ACPI_PM_PORT, ACPI_PM_PORT_LEN, ACPI_SCI_IRQ, DEVICE_IRQS, I8042_PORT, I8042_PORT_LEN,
+    IDE_PORT_LEN, IDE_PRIMARY_CTL_PORT, IDE_PRIMARY_IRQ, IDE_PRIMARY_PORT, IDE_SECONDARY_CTL_PORT,
     IDE_SECONDARY_IRQ, IDE_SECONDARY_PORT, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN, PCI_IO_BAR_STRIDE,
     PCI_IO_WINDOW_LEN, PCI_IO_WINDOW_START, PCI_MMIO_WINDOW_LEN, PCI_MMIO_WINDOW_START,
     UART_PORT_LEN, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START,
@@ -42,7 +42,7 @@ use crate::devices::virtio::pci_transport::{
     self, NotifyRegistry, BAR_SIZE as VIRTIO_PCI_BAR_SIZE,
 };
 use crate::devices::virtio::{MmioTransport, PciTransport, VirtioDevice, VirtioInterrupt};
-use crate::devices::DeviceEventManager;
+use crate::devices::{DeviceEventManager, Persist};
 use crate::vstate::memory::GuestMemoryMmap;
 use crate::vstate::vm::{GsiRouter, IoEvents, KvmVm, VmError};
 
@@ -157,6 +157,24 @@ pub struct DeviceManager {
     /// The virtio-mmio devices and UARTs, for the DSDT.
     mmio_devices: Vec<MmioDevice>,
     serial_ports: Vec<(u16, u32)>,
+    /// Every device a snapshot carries, by a stable id, in restore order.
+    persist: Vec<(String, Arc<Mutex<dyn Persist>>)>,
+    /// Devices whose state snapshots cannot carry yet (a snapshot is refused, naming them).
+    no_persist: Vec<String>,
+    acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
+}
+
+/// The built devices, as the running VM uses them.
+pub struct Devices {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub metrics: MetricsRegistry,
+    /// What snapshots save and restore, by id, in restore order.
+    pub persist: Vec<(String, Arc<Mutex<dyn Persist>>)>,
+    /// Devices a snapshot cannot carry yet.
+    pub no_persist: Vec<String>,
+    /// The ACPI PM registers (the power button), when the VM has ACPI.
+    pub acpi_pm: Option<Arc<Mutex<AcpiPm>>>,
 }
 
 impl Default for DeviceManager {
@@ -181,7 +199,15 @@ impl DeviceManager {
             acpi,
             mmio_devices: Vec::new(),
             serial_ports: Vec::new(),
+            persist: Vec::new(),
+            no_persist: Vec::new(),
+            acpi_pm: None,
         }
+    }
+
+    /// Records a device a snapshot carries, under `id`.
+    fn persist(&mut self, id: impl Into<String>, dev: Arc<Mutex<dyn Persist>>) {
+        self.persist.push((id.into(), dev));
     }
 
     /// Attaches a 16550A named `name` (ttyS0, ttyS1) at `port`/`irq` writing guest output to
@@ -216,13 +242,25 @@ impl DeviceManager {
             )
             .map_err(|e| DeviceError::Bus(WHAT, e))?;
         self.serial_ports.push((port, irq));
+        self.persist(name, serial.clone());
         info!("{name}: 16550A at {port:#x}, IRQ {irq}");
         Ok(serial)
     }
 
     /// Puts the PCI bus in place (host bridge and PIIX3 ISA bridge) on first use.
     fn pci(&mut self) -> &mut PciState {
-        self.pci.get_or_insert_with(|| {
+        if self.pci.is_none() {
+            let state = Self::new_pci();
+            // First in restore order among PCI devices: their configuration spaces (BARs
+            // included) are back before the devices look at them.
+            self.persist("pci0", state.bus.clone());
+            self.pci = Some(state);
+        }
+        self.pci.as_mut().expect("just set")
+    }
+
+    fn new_pci() -> PciState {
+        {
             let mut bus = PciBus::new();
             bus.add(0, 0, Arc::new(Mutex::new(piix::host_bridge())));
             bus.add(
@@ -237,7 +275,7 @@ impl DeviceManager {
                 next_mem: PCI_MMIO_WINDOW_START,
                 irqs: Vec::new(),
             }
-        })
+        }
     }
 
     /// Attaches emulated ATA disks (at most four) to the PIIX3 IDE function in legacy mode:
@@ -330,6 +368,7 @@ impl DeviceManager {
                 Ok(()) => self.coalesced_pio = true,
                 Err(e) => warn!("{name}: data port writes will each exit: {e}"),
             }
+            self.no_persist.push(format!("the IDE channel {name}"));
             info!(
                 "{name}: IDE channel at {port:#x}/{ctl:#x}, IRQ {irq}, bus master at {bm_regs:#x}"
             );
@@ -386,6 +425,7 @@ impl DeviceManager {
         )
         .with_metrics(metrics.clone());
         let nic = Arc::new(Mutex::new(nic));
+        self.persist(name, nic.clone());
         let pci = self.pci();
         pci.bus
             .lock()
@@ -475,6 +515,9 @@ impl DeviceManager {
             Arc::new(Mutex::new(rx)),
             metrics.clone(),
         ))));
+        // Its rings, contexts and timers are not in snapshots yet: a snapshot or migration
+        // of a VM with an e1000 is refused, naming it.
+        self.no_persist.push(format!("the e1000 NIC {name}"));
         let timer = E1000Timer::new(nic, timer_fd);
         event_manager.add_subscriber(Arc::new(Mutex::new(Metered::new(
             Arc::new(Mutex::new(timer)),
@@ -490,21 +533,22 @@ impl DeviceManager {
     pub fn attach_i8042(&mut self) -> Result<EventFd, DeviceError> {
         const WHAT: &str = "i8042 controller";
         let reset_evt = new_eventfd(WHAT)?;
-        let dev = I8042::new(clone_eventfd(&reset_evt, WHAT)?);
-        self.insert_pio(dev, I8042_PORT, I8042_PORT_LEN, WHAT)?;
+        let dev = Arc::new(Mutex::new(I8042::new(clone_eventfd(&reset_evt, WHAT)?)));
+        self.insert_pio(dev.clone(), I8042_PORT, I8042_PORT_LEN, WHAT)?;
+        self.persist("i8042", dev);
         Ok(reset_evt)
     }
 
     /// Maps an unmetered port I/O device at `[port, port + len)`.
     fn insert_pio(
         &mut self,
-        dev: impl BusDevice + 'static,
+        dev: Arc<Mutex<impl BusDevice + 'static>>,
         port: u16,
         len: u16,
         what: &'static str,
     ) -> Result<(), DeviceError> {
         self.pio_bus
-            .insert(Arc::new(Mutex::new(dev)), u64::from(port), u64::from(len))
+            .insert(dev, u64::from(port), u64::from(len))
             .map_err(|e| DeviceError::Bus(what, e))
     }
 
@@ -537,8 +581,12 @@ impl DeviceManager {
             1 => ("virtio-net", "net"),
             2 => ("virtio-blk", "block"),
             3 => ("virtio-console", "stream"),
+            26 => ("virtio-fs", "fs"),
             _ => ("virtio", "other"),
         };
+        if let Some(why) = device.persist_refusal() {
+            self.no_persist.push(format!("{what}: {why}"));
+        }
         let device = Arc::new(Mutex::new(device));
         let metrics = match transport {
             VirtioTransport::Pci => {
@@ -586,19 +634,15 @@ impl DeviceManager {
             DeviceMetrics::new(name, model, class).with_register_names(mmio::register_name),
             base,
         );
-        let transport = MmioTransport::new(
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
             mem.clone(),
             device,
             Arc::new(VirtioInterrupt::with_metrics(irq_evt, metrics.clone())),
-        );
+        )));
         self.mmio_bus
-            .insert_metered(
-                Arc::new(Mutex::new(transport)),
-                base,
-                MMIO_LEN,
-                Some(metrics.clone()),
-            )
+            .insert_metered(transport.clone(), base, MMIO_LEN, Some(metrics.clone()))
             .map_err(|e| DeviceError::Bus("virtio device", e))?;
+        self.persist(name, transport);
         self.mmio_slots_used += 1;
         self.mmio_devices.push(MmioDevice {
             base,
@@ -695,14 +739,26 @@ impl DeviceManager {
 
     /// Attaches the ACPI sleep and reset registers; returns the eventfd written when the
     /// guest powers off through S5 (a reset goes to `reset_evt`, as the i8042's does).
-    pub fn attach_acpi_pm(&mut self, reset_evt: &EventFd) -> Result<EventFd, DeviceError> {
+    pub fn attach_acpi_pm(
+        &mut self,
+        vm: &KvmVm,
+        reset_evt: &EventFd,
+    ) -> Result<EventFd, DeviceError> {
         const WHAT: &str = "ACPI power management registers";
         let off_evt = new_eventfd(WHAT)?;
-        let dev = AcpiPm::new(
-            clone_eventfd(&off_evt, WHAT)?,
-            clone_eventfd(reset_evt, WHAT)?,
-        );
-        self.insert_pio(dev, ACPI_PM_PORT, ACPI_PM_PORT_LEN, WHAT)?;
+        let sci = new_eventfd(WHAT)?;
+        vm.register_irqfd(&sci, ACPI_SCI_IRQ)
+            .map_err(|e| DeviceError::Irq("the ACPI SCI".into(), e))?;
+        let dev = Arc::new(Mutex::new(
+            AcpiPm::new(
+                clone_eventfd(&off_evt, WHAT)?,
+                clone_eventfd(reset_evt, WHAT)?,
+            )
+            .with_sci(sci),
+        ));
+        self.insert_pio(dev.clone(), ACPI_PM_PORT, ACPI_PM_PORT_LEN, WHAT)?;
+        self.persist("acpi-pm", dev.clone());
+        self.acpi_pm = Some(dev);
         Ok(off_evt)
     }
 
@@ -732,7 +788,7 @@ impl DeviceManager {
     }
 
     /// The finished buses, to be shared by the vCPU threads, and the devices' counters.
-    pub fn finish(mut self) -> Result<(Arc<Bus>, Arc<Bus>, MetricsRegistry), DeviceError> {
+    pub fn finish(mut self) -> Result<Devices, DeviceError> {
         if let Some(pci) = self.pci.take() {
             let decode = pci
                 .bus
@@ -769,11 +825,14 @@ impl DeviceManager {
                 )
                 .map_err(|e| DeviceError::Bus("PCI configuration ports", e))?;
         }
-        Ok((
-            Arc::new(self.pio_bus),
-            Arc::new(self.mmio_bus),
-            self.metrics,
-        ))
+        Ok(Devices {
+            pio: Arc::new(self.pio_bus),
+            mmio: Arc::new(self.mmio_bus),
+            metrics: self.metrics,
+            persist: self.persist,
+            no_persist: self.no_persist,
+            acpi_pm: self.acpi_pm,
+        })
     }
 }
 
@@ -820,7 +879,7 @@ mod tests {
     fn i8042_answers_on_its_ports() {
         let mut dm = DeviceManager::new(true);
         let reset = dm.attach_i8042().unwrap();
-        let (pio, _mmio, _) = dm.finish().unwrap();
+        let pio = dm.finish().unwrap().pio;
         assert!(pio.write(0x64, &[0xfe]));
         assert_eq!(reset.read().unwrap(), 1);
         let mut b = [0u8];

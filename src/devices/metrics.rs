@@ -232,7 +232,8 @@ impl DeviceMetrics {
     }
 }
 
-fn json_str(s: &str) -> String {
+/// `s` as a JSON string literal.
+pub fn json_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {
@@ -289,6 +290,8 @@ pub struct MetricsRegistry {
     devices: Vec<(Arc<DeviceMetrics>, u64)>,
     /// The report's `kvm` object: KVM's counters of every exit, read when written.
     kvm: Option<ReportSource>,
+    /// The crash report as a JSON object, once the guest crashed.
+    crash: Option<String>,
 }
 
 impl Default for MetricsRegistry {
@@ -297,6 +300,7 @@ impl Default for MetricsRegistry {
             start: Instant::now(),
             devices: Vec::new(),
             kvm: None,
+            crash: None,
         }
     }
 }
@@ -322,8 +326,13 @@ impl MetricsRegistry {
         self.devices.iter().map(|(m, _)| m)
     }
 
+    /// Adds the crash report (a JSON object) to the report, as `crash`.
+    pub fn set_crash(&mut self, json: String) {
+        self.crash = Some(json);
+    }
+
     /// The report: `{"uptime_ns": N, "devices": [...], "kvm": {...}}` (`kvm` once the VM
-    /// has vCPUs).
+    /// has vCPUs), and `"crash": {...}` after a guest crash.
     pub fn to_json(&self) -> String {
         let mut out = format!(
             "{{\"uptime_ns\":{},\"devices\":[",
@@ -338,6 +347,10 @@ impl MetricsRegistry {
         out.push(']');
         if let Some(kvm) = &self.kvm {
             let _ = write!(out, ",\"kvm\":{}", kvm());
+        }
+        if let Some(crash) = &self.crash {
+            out.push_str(",\"crash\":");
+            out.push_str(crash);
         }
         out.push_str("}\n");
         out

@@ -25,6 +25,8 @@ use crate::config::TapConfig;
 pub const DEFAULT_TUN_DEVICE: &str = "/dev/net/tun";
 /// The name asked for with tap=auto; the kernel replaces `%d` with the first free number.
 pub const AUTO_TAP_NAME: &str = "fvmtap%d";
+/// The name of the throwaway TAP `ferrovm check` creates to see whether it may.
+pub const PROBE_TAP_NAME: &str = "fvmcheck%d";
 /// Size of `struct virtio_net_hdr_v1`, the header on every frame (virtio 1.x, 5.1.6).
 pub const VNET_HDR_LEN: i32 = 12;
 
@@ -99,6 +101,9 @@ pub struct Tap {
     created: bool,
     /// Set, for every handle on the queue, once the interface was seen deleted.
     gone: Arc<AtomicBool>,
+    /// A multi-queue TAP (IFF_MULTI_QUEUE): its queue can be detached for another process
+    /// to attach its own (live migration).
+    multi_queue: bool,
 }
 
 impl Tap {
@@ -106,9 +111,7 @@ impl Tap {
     /// VMM exits, if it does not exist and we may), or with tap=auto a new one named
     /// `fvmtapN` by the kernel. A TAP the VMM created is brought up.
     pub fn open(cfg: &TapConfig) -> Result<Self, TapError> {
-        let tun = std::env::var_os("FERROVM_TUN_DEVICE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_TUN_DEVICE));
+        let tun = tun_device_path();
         let tap = match cfg {
             TapConfig::Named(name) => Self::open_at(&tun, name, false)?,
             TapConfig::Auto => Self::open_at(&tun, AUTO_TAP_NAME, true)?,
@@ -123,6 +126,14 @@ impl Tap {
             info!("Opened TAP device {}", tap.name);
         }
         Ok(tap)
+    }
+
+    /// Whether this process may create TAP devices (what tap=auto needs): creates one named
+    /// `fvmcheckN` and closes it, which deletes it again (it is not persistent). Returns the
+    /// name the kernel gave it.
+    pub fn probe_create() -> Result<String, TapError> {
+        let tap = Self::open_at(&tun_device_path(), PROBE_TAP_NAME, true)?;
+        Ok(tap.name.clone())
     }
 
     /// Opens `name` through the control device `tun`, without bringing anything up.
@@ -148,11 +159,23 @@ impl Tap {
                 },
             })?;
         let existed = !auto && Path::new("/sys/class/net").join(name).exists();
+        // Multi-queue where the TAP allows it: one created here always is; an existing one
+        // only if it was made so (`ip tuntap add ... multi_queue`), the kernel refusing
+        // (EINVAL) the flag that does not match how it was made.
+        let base = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let mut multi_queue = true;
         let mut req = IfReq::with_name(name);
-        req.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        req.flags = (base | libc::IFF_MULTI_QUEUE) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes back a `struct ifreq`; `req` is one (same size
         // and layout for the name and flags), valid and exclusively borrowed for the call.
-        let ret = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) };
+        let mut ret = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) };
+        if ret < 0 && existed && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            multi_queue = false;
+            req = IfReq::with_name(name);
+            req.flags = base as libc::c_short;
+            // SAFETY: as above.
+            ret = unsafe { ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req) };
+        }
         if ret < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
@@ -170,11 +193,17 @@ impl Tap {
                 },
             });
         }
+        // A multi-queue TAP takes a queue from every process that opens it: one already
+        // attached elsewhere (its queue count is now above one) is another VM's.
+        if multi_queue && existed && attached_queues(name) > 1 {
+            return Err(TapError::Busy { name: name.into() });
+        }
         let tap = Self {
             file,
             name: req.name(),
             created: !existed,
             gone: Arc::default(),
+            multi_queue,
         };
         tap.set_vnet_hdr_len()?;
         // A TAP that lived before (persistent) may keep the offloads of its last user.
@@ -194,7 +223,63 @@ impl Tap {
             name: self.name.clone(),
             created: self.created,
             gone: self.gone.clone(),
+            multi_queue: self.multi_queue,
         })
+    }
+
+    /// A TAP another process had open and handed over (local migration): the same queue,
+    /// with the header size and offloads it had.
+    pub fn from_fd(fd: &OwnedFd) -> io::Result<Self> {
+        let file = File::from(fd.try_clone()?);
+        let mut req = IfReq::default();
+        // SAFETY: TUNGETIFF writes a `struct ifreq` (name and flags) through the pointer;
+        // `req` is one, valid and exclusively borrowed for the call.
+        if unsafe { ioctl_with_mut_ref(&file, libc::TUNGETIFF, &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            file,
+            name: req.name(),
+            created: false,
+            gone: Arc::default(),
+            multi_queue: i32::from(req.flags) & libc::IFF_MULTI_QUEUE != 0,
+        })
+    }
+
+    /// The fd, for handing over to another process.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    /// Whether the TAP is multi-queue (its queue can be detached and attached again).
+    pub fn multi_queue(&self) -> bool {
+        self.multi_queue
+    }
+
+    /// Detaches (`on` false) or re-attaches this handle's queue (TUNSETQUEUE): a detached
+    /// queue gets no frames, and another process may attach a queue of its own.
+    pub fn set_queue_attached(&self, on: bool) -> io::Result<()> {
+        let req = IfReq {
+            flags: if on {
+                libc::IFF_ATTACH_QUEUE
+            } else {
+                libc::IFF_DETACH_QUEUE
+            } as libc::c_short,
+            ..IfReq::default()
+        };
+        // SAFETY: TUNSETQUEUE reads a `struct ifreq` (the flags); `req` is one, valid for
+        // the call.
+        if unsafe { ioctl_with_ref(&self.file, libc::TUNSETQUEUE, &req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sends one frame (virtio-net header first) announcing `mac` on the link after a
+    /// migration: a RARP broadcast from it, as QEMU's announce-self sends, so switches and
+    /// bridges learn the port the guest is behind now.
+    pub fn announce(&self, mac: [u8; 6]) -> io::Result<usize> {
+        self.write_frame(&announce_frame(mac))
     }
 
     /// The interface name (the kernel's choice with tap=auto).
@@ -294,6 +379,42 @@ impl Tap {
     }
 }
 
+/// How many queues the interface has attached (its `queues/rx-N` in sysfs; 0 when it
+/// cannot be read).
+fn attached_queues(name: &str) -> usize {
+    std::fs::read_dir(Path::new("/sys/class/net").join(name).join("queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// A RARP request (RFC 903, ethertype 0x8035) broadcast from `mac`, asking for its own
+/// address, padded to the Ethernet minimum, after a zeroed virtio-net header.
+pub fn announce_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN as usize];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x80, 0x35]);
+    // htype Ethernet, ptype IPv4, hlen 6, plen 4, op 3 (request reverse).
+    f.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x03]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(VNET_HDR_LEN as usize + 60, 0);
+    f
+}
+
+/// The TUN/TAP control device: `FERROVM_TUN_DEVICE`, else /dev/net/tun.
+pub fn tun_device_path() -> PathBuf {
+    std::env::var_os("FERROVM_TUN_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_TUN_DEVICE))
+}
+
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
@@ -303,6 +424,20 @@ impl AsRawFd for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_announcement_is_a_rarp_broadcast_from_the_mac() {
+        let mac = [0x02, 0x46, 1, 2, 3, 4];
+        let f = announce_frame(mac);
+        let eth = &f[VNET_HDR_LEN as usize..];
+        assert_eq!(eth.len(), 60, "padded to the Ethernet minimum");
+        assert_eq!(&eth[..6], &[0xff; 6]);
+        assert_eq!(&eth[6..12], &mac);
+        assert_eq!(&eth[12..14], &[0x80, 0x35]);
+        assert_eq!(&eth[20..22], &[0, 3], "op: request reverse");
+        assert_eq!(&eth[22..28], &mac);
+        assert_eq!(&eth[32..38], &mac);
+    }
 
     #[test]
     fn ifreq_has_the_kernel_size() {

@@ -21,6 +21,7 @@ use crate::devices::emulated::nic_tap::{VnetHdr, VNET_F_NEEDS_CSUM};
 use crate::devices::emulated::Signal;
 use crate::devices::pci::piix;
 use crate::devices::pci::{BarSpace, PciBus, PciDevice, PciWindow};
+use crate::devices::virtio::guest_write::{set_guard_mode, GuardMode};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Accesses one input makes at most (the state machines do bounded work per access).
@@ -232,8 +233,10 @@ fn dma_channels(bus_master: &Arc<AtomicBool>) -> [Option<piix::BmChannel>; 2] {
 /// buffers), 7 the bus master enable set to bit 3.
 ///
 /// Checks: besides no panic and no overflow, every disk access stays on the disk (the fuzz
-/// disk panics otherwise), whatever the PRD tables say.
+/// disk panics otherwise), whatever the PRD tables say, and the write guard (panicking)
+/// that DMA writes land in the table's regions only.
 pub fn bmdma(data: &[u8]) {
+    set_guard_mode(GuardMode::Panic);
     let mut input = Input::new(data);
     let flags = input.u8();
     let mem = dma_memory();
@@ -332,8 +335,10 @@ const MAX_E1000_RX_FRAME: usize = 17_000;
 /// 3 guest memory written (`addr u32`, u16-prefixed bytes).
 ///
 /// Checks: besides no panic and no overflow, every frame sent is one the host would take
-/// (no longer than a TSO frame, checksum and segmentation offsets inside it).
+/// (no longer than a TSO frame, checksum and segmentation offsets inside it), and the write
+/// guard (panicking) that every guest write lands in a receive buffer or the ring.
 pub fn e1000(data: &[u8]) {
+    set_guard_mode(GuardMode::Panic);
     let mut input = Input::new(data);
     let mem = dma_memory();
     let clock = Arc::new(AtomicU64::new(0));

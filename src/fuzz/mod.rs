@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::devices::disk::{guest_io_error, BlockBackend};
+use crate::devices::disk::{guest_io_error, BlockBackend, RawFile};
+use crate::devices::virtio::guest_write::ChainWriter;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// A fuzz target: its name (the corpus directory and the cargo-fuzz target) and entry point.
@@ -47,6 +48,10 @@ pub const TARGETS: &[Target] = &[
     Target {
         name: "virtio_mmio",
         run: virtio::mmio,
+    },
+    Target {
+        name: "virtio_pci",
+        run: virtio::pci,
     },
     Target {
         name: "ide",
@@ -161,6 +166,16 @@ impl InputBuilder {
     }
 }
 
+/// A raw image file of `sectors` sectors, sector n filled with byte n, as the VMM opens a
+/// `--disk` (its I/O threads then `preadv` into guest memory). The file is unlinked at
+/// once; the backend keeps it open.
+pub fn image_file(sectors: u64) -> RawFile {
+    let file = vmm_sys_util::tempfile::TempFile::new().expect("temporary disk image");
+    let data: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8).collect();
+    std::fs::write(file.as_path(), data).expect("write the temporary disk image");
+    RawFile::open(file.as_path(), false).expect("open the temporary disk image")
+}
+
 /// A disk in host memory, shared by the virtio-blk and IDE targets. One handle only
 /// (`try_clone` is unsupported), so virtio-blk serves requests on one I/O thread, in order.
 #[derive(Clone)]
@@ -200,13 +215,13 @@ impl BlockBackend for MemDisk {
     }
     fn read_to(
         &mut self,
-        mem: &GuestMemoryMmap,
+        dst: &ChainWriter,
         addr: GuestAddress,
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
         let r = self.range(offset, len)?;
-        mem.write_slice(&self.0.lock().unwrap()[r], addr)
+        dst.write_slice(&self.0.lock().unwrap()[r], addr)
             .map_err(guest_io_error)
     }
     fn write_from(

@@ -427,6 +427,7 @@ mod tests {
         virtio_net,
         virtio_console,
         virtio_mmio,
+        virtio_pci,
         ide,
         ne2k,
         pci,

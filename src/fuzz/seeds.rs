@@ -8,7 +8,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
-use super::virtio::{DATA_START, FLAG_DEVICE, FLAG_EVENT_IDX};
+use super::virtio::{DATA_START, FLAG_DEVICE, FLAG_EVENT_IDX, FLAG_FILE};
 use super::InputBuilder;
 use crate::arch::x86_64::boot::test_images::{make_bzimage, make_elf};
 
@@ -23,6 +23,7 @@ pub fn for_target(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "virtio_net" => net(),
         "virtio_console" => console(),
         "virtio_mmio" => mmio(),
+        "virtio_pci" => virtio_pci(),
         "ide" => ide(),
         "ne2k" => ne2k(),
         "pci" => pci(),
@@ -122,7 +123,7 @@ fn blk_one(flags: u8, kind: u32, sector: u64, bufs: &[(u64, u32)], data_flags: u
 fn block() -> Vec<(&'static str, Vec<u8>)> {
     let one = [(BUF, 512)];
     // Two requests in one ring: a write of sector 3, then a read of it (headers apart).
-    let two = {
+    let two = |flags| {
         let mut data = Data::default();
         data.put(HDR, &blk_header(VIRTIO_BLK_T_OUT, 3))
             .put(HDR + 0x20, &blk_header(VIRTIO_BLK_T_IN, 3))
@@ -132,7 +133,7 @@ fn block() -> Vec<(&'static str, Vec<u8>)> {
         read[0].0 = HDR + 0x20;
         read[2].0 = STATUS + 1;
         descs.extend(read);
-        virtio_input(FLAG_EVENT_IDX, &[Ring::new(descs, vec![0, 3])], &data).0
+        virtio_input(flags, &[Ring::new(descs, vec![0, 3])], &data).0
     };
     // A read through an indirect table of three descriptors.
     let indirect = {
@@ -176,8 +177,20 @@ fn block() -> Vec<(&'static str, Vec<u8>)> {
             "read-last-sector",
             blk_one(0, VIRTIO_BLK_T_IN, 63, &one, WRITE),
         ),
-        ("write-then-read", two),
+        ("write-then-read", two(FLAG_EVENT_IDX)),
         ("read-indirect", indirect),
+        // The same through the VMM's image file backend (preadv into guest memory).
+        (
+            "file-read-two-buffers",
+            blk_one(
+                FLAG_FILE,
+                VIRTIO_BLK_T_IN,
+                5,
+                &[(BUF, 512), (BUF + 0x200, 512)],
+                WRITE,
+            ),
+        ),
+        ("file-write-then-read", two(FLAG_EVENT_IDX | FLAG_FILE)),
     ]
 }
 
@@ -261,16 +274,20 @@ fn console() -> Vec<(&'static str, Vec<u8>)> {
     vec![("tx-and-rx", b.0)]
 }
 
-/// virtio-mmio accesses: (write?, offset, value), all 32-bit.
-fn mmio_ops(b: &mut InputBuilder, ops: &[(bool, u16, u64)]) {
-    for &(write, offset, value) in ops {
-        b.u8(u8::from(write) | 2 << 1).u16(offset).u64(value);
+/// virtio-pci accesses: (configuration space?, write?, size, offset, value).
+fn pci_ops(b: &mut InputBuilder, ops: &[(bool, bool, u8, u16, u64)]) {
+    for &(cfg, write, size, offset, value) in ops {
+        let log2 = size.trailing_zeros() as u8;
+        b.u8(u8::from(write) | log2 << 1 | u8::from(cfg) << 3)
+            .u16(offset)
+            .u64(value);
     }
 }
 
-fn mmio() -> Vec<(&'static str, Vec<u8>)> {
-    // A driver's probe and setup of the console's two queues (virtio 1.x, 3.1.1), the
-    // transmit queue holding one chain.
+/// The guest memory of a transport target driving a console: its two queues' rings at q0
+/// and q1, the transmit queue holding one chain ("hello\n"). Returns the builder with the
+/// blob written, and where the queues go.
+fn console_transport_input() -> (InputBuilder, u64, u64) {
     let (q0, q1) = (DATA_START, DATA_START + 0x1000);
     let mut data = Data::default();
     let mut desc = [0u8; 16];
@@ -281,6 +298,77 @@ fn mmio() -> Vec<(&'static str, Vec<u8>)> {
         .put(DATA_START + 0x3000, b"hello\n");
     let mut b = InputBuilder::default();
     b.blob(&data.0);
+    (b, q0, q1)
+}
+
+fn virtio_pci() -> Vec<(&'static str, Vec<u8>)> {
+    // Linux's virtio_pci_modern probe: walk the capabilities, enable MSI-X and program its
+    // three vectors, negotiate, set up both queues with their vectors, DRIVER_OK, notify.
+    let (mut b, q0, q1) = console_transport_input();
+    let mut ops = vec![
+        (true, false, 4, 0x00, 0),
+        (true, false, 1, 0x34, 0),
+        (true, false, 4, 0x40, 0),
+        (true, false, 4, 0x10, 0),
+        // MSI-X enable (the capability after the five vendor ones, at 0x98).
+        (true, false, 2, 0x9a, 0),
+        (true, true, 2, 0x9a, 0x8000),
+    ];
+    for v in 0..3u16 {
+        ops.extend([
+            (false, true, 4, 0x4000 + 16 * v, 0xfee0_0000),
+            (false, true, 4, 0x4008 + 16 * v, 0x40 + u64::from(v)),
+            (false, true, 4, 0x400c + 16 * v, 0),
+        ]);
+    }
+    ops.extend([
+        (false, true, 1, 0x14, 0),
+        (false, true, 1, 0x14, 1),
+        (false, true, 1, 0x14, 3),
+        (false, true, 4, 0x00, 1),
+        (false, false, 4, 0x04, 0),
+        (false, true, 4, 0x08, 1),
+        (false, true, 4, 0x0c, 1),
+        (false, true, 1, 0x14, 11),
+        (false, true, 2, 0x10, 0),
+    ]);
+    for (sel, base) in [(0u64, q0), (1, q1)] {
+        ops.extend([
+            (false, true, 2, 0x16, sel),
+            (false, false, 2, 0x18, 0),
+            (false, true, 2, 0x18, 16),
+            (false, true, 2, 0x1a, sel + 1),
+            (false, true, 8, 0x20, base),
+            (false, true, 8, 0x28, base + 0x400),
+            (false, true, 4, 0x30, base + 0x800),
+            (false, true, 4, 0x34, 0),
+            (false, true, 2, 0x1c, 1),
+            (false, false, 2, 0x1e, 0),
+        ]);
+    }
+    ops.extend([
+        (false, true, 1, 0x14, 15),
+        (false, true, 2, 0x3004, 1),
+        (false, false, 1, 0x1000, 0),
+        (false, false, 8, 0x5000, 0),
+        (false, false, 4, 0x2000, 0),
+        (false, true, 1, 0x14, 0),
+    ]);
+    pci_ops(&mut b, &ops);
+    vec![("probe-and-setup", b.0)]
+}
+
+/// virtio-mmio accesses: (write?, offset, value), all 32-bit.
+fn mmio_ops(b: &mut InputBuilder, ops: &[(bool, u16, u64)]) {
+    for &(write, offset, value) in ops {
+        b.u8(u8::from(write) | 2 << 1).u16(offset).u64(value);
+    }
+}
+
+fn mmio() -> Vec<(&'static str, Vec<u8>)> {
+    // A driver's probe and setup of the console's two queues (virtio 1.x, 3.1.1), the
+    // transmit queue holding one chain.
+    let (mut b, q0, q1) = console_transport_input();
     let mut ops = vec![
         (false, 0x000, 0),
         (false, 0x004, 0),
@@ -894,6 +982,7 @@ mod tests {
             "virtio_net",
             "virtio_console",
             "virtio_mmio",
+            "virtio_pci",
         ] {
             for (seed, data) in for_target(name) {
                 assert!(

@@ -3,7 +3,9 @@
 //!
 //! Input layout (every field read with [`Input`], so short inputs read as zeros):
 //! ```text
-//! flags u8                bit 0 EVENT_IDX, bit 1 read-only disk (block) / MRG_RXBUF (net)
+//! flags u8                bit 0 EVENT_IDX, bit 1 read-only disk (block) / MRG_RXBUF (net),
+//!                         bit 2 (block) the disk is an image file: the VMM's own backend,
+//!                         whose I/O threads `preadv` straight into guest memory
 //! per queue:  size_log2 u8 (size 1 << (v % 9)), avail_idx u16, used_event u16,
 //!             ndesc u8, ndesc x 16-byte descriptors (addr u64, len u32, flags u16, next u16),
 //!             navail u8, navail x u16 ring entries
@@ -12,6 +14,10 @@
 //! ```
 //! Queue n's descriptor table is at n * QUEUE_STRIDE, its available ring 0x1000 and its used
 //! ring 0x2000 further; guest memory is MEM_SIZE bytes from 0, so buffers can point outside.
+//!
+//! Every target runs with the guest-memory write guard on (`guest_write`): a device write
+//! anywhere but the device-writable buffers of the chain it serves or that queue's used ring
+//! panics, which the harness reports as a crash.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -25,14 +31,20 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Input, MemDisk};
+use super::{image_file, Input, MemDisk};
 use crate::config::MacAddr;
 use crate::devices::bus::BusDevice;
+use crate::devices::disk::BlockBackend;
+use crate::devices::pci::msix::{MsiMessage, MsiRouting, MsixTable, MsixVector};
+use crate::devices::pci::PciDevice;
+use crate::devices::virtio::device::MsixVectors;
 use crate::devices::virtio::device::{
     Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::devices::virtio::guest_write::{set_guard_mode, GuardMode};
 use crate::devices::virtio::net::NetBackend;
-use crate::devices::virtio::{MmioTransport, VirtioBlock, VirtioConsole, VirtioNet};
+use crate::devices::virtio::pci_transport::{self, NotifyRegistry};
+use crate::devices::virtio::{MmioTransport, PciTransport, VirtioBlock, VirtioConsole, VirtioNet};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Guest memory of every virtio target.
@@ -49,6 +61,8 @@ pub const DISK_SECTORS: u64 = 64;
 pub const FLAG_EVENT_IDX: u8 = 1;
 /// Read-only disk (block), MRG_RXBUF acked (net).
 pub const FLAG_DEVICE: u8 = 2;
+/// The block target's disk is an image file (`RawFile`), not host memory.
+pub const FLAG_FILE: u8 = 4;
 
 const MAX_QUEUE_SIZE: u16 = 256;
 
@@ -69,8 +83,10 @@ fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).expect("guest memory")
 }
 
-/// Lays out `nqueues` queues and the data area in fresh guest memory.
+/// Lays out `nqueues` queues and the data area in fresh guest memory, and turns the write
+/// guard on.
 fn guest(input: &mut Input, nqueues: usize) -> Guest {
+    set_guard_mode(GuardMode::Panic);
     let mem = guest_memory();
     let flags = input.u8();
     let mut queues = Vec::with_capacity(nqueues);
@@ -300,14 +316,14 @@ pub fn block(data: &[u8]) {
     if let Some(status) = single.as_ref().and_then(|c| c.last()) {
         let _ = g.mem.write_obj(0xffu8, GuestAddress(status.addr));
     }
+    let disk: Box<dyn BlockBackend> = if g.flags & FLAG_FILE != 0 {
+        Box::new(image_file(DISK_SECTORS))
+    } else {
+        Box::new(MemDisk::new(DISK_SECTORS))
+    };
     // Named after the target: the runner tells its I/O thread's panics by the name.
-    let mut dev = VirtioBlock::new(
-        "virtio_block".into(),
-        Box::new(MemDisk::new(DISK_SECTORS)),
-        readonly,
-        "fuzz-disk",
-    )
-    .expect("virtio-blk device");
+    let mut dev = VirtioBlock::new("virtio_block".into(), disk, readonly, "fuzz-disk")
+        .expect("virtio-blk device");
     let (activation, mem) = activation(g, 0);
     dev.activate(activation).expect("activate");
     dev.process_queue();
@@ -480,14 +496,10 @@ pub fn console(data: &[u8]) {
 /// Accesses one MMIO input makes at most.
 const MAX_MMIO_OPS: usize = 512;
 
-/// The virtio-mmio register file: reads and writes of any size at any offset of the
-/// transport's page (a console behind it), then the console's queues as the driver set
-/// them up, if it activated the device.
-///
-/// Input: `data` as for the other virtio targets (u16-prefixed, at DATA_START), then accesses
-/// of `op u8` (bit 0 write, bits 1-2 size 1/2/4/8), `offset u16` (within 0x200), `value u64`.
-pub fn mmio(data: &[u8]) {
-    let mut input = Input::new(data);
+/// Guest memory with the input's blob at DATA_START, and a console to drive; the write
+/// guard on.
+fn console_guest(input: &mut Input) -> (GuestMemoryMmap, Arc<Mutex<VirtioConsole>>) {
+    set_guard_mode(GuardMode::Panic);
     let mem = guest_memory();
     let blob = input.blob();
     write(
@@ -498,6 +510,18 @@ pub fn mmio(data: &[u8]) {
     let console = Arc::new(Mutex::new(
         VirtioConsole::new(Box::new(io::sink()), None).expect("virtio-console device"),
     ));
+    (mem, console)
+}
+
+/// The virtio-mmio register file: reads and writes of any size at any offset of the
+/// transport's page (a console behind it), then the console's queues as the driver set
+/// them up, if it activated the device.
+///
+/// Input: `data` as for the other virtio targets (u16-prefixed, at DATA_START), then accesses
+/// of `op u8` (bit 0 write, bits 1-2 size 1/2/4/8), `offset u16` (within 0x200), `value u64`.
+pub fn mmio(data: &[u8]) {
+    let mut input = Input::new(data);
+    let (mem, console) = console_guest(&mut input);
     let mut transport = MmioTransport::new(mem, console.clone(), interrupt());
     for _ in 0..MAX_MMIO_OPS {
         if input.is_empty() {
@@ -514,6 +538,92 @@ pub fn mmio(data: &[u8]) {
             transport.read(offset, &mut buf[..len]);
         }
     }
+    let mut console = console.lock().unwrap();
+    console.process_tx();
+    console.process_rx();
+}
+
+/// MSI-X routes that go nowhere: the fuzz target has no KVM.
+struct NoRoutes;
+
+impl MsiRouting for NoRoutes {
+    fn set_route(&self, _: u32, _: MsiMessage) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Queue notifications that register nowhere.
+struct NoNotify;
+
+impl NotifyRegistry for NoNotify {
+    fn register(&self, _: &EventFd, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+    fn unregister(&self, _: &EventFd, _: u64) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The virtio-pci transport of a console: guest memory from a blob, then configuration
+/// space and BAR 0 accesses (common config, ISR, device config, notifications, the MSI-X
+/// table and PBA) of any size at any offset, then the queues as set up.
+///
+/// Input: the data blob (u16-prefixed, written at DATA_START), then per access op u8 (bit 0
+/// write, bits 1-2 log2 size, bit 3 configuration space rather than BAR 0), offset u16,
+/// value u64.
+pub fn pci(data: &[u8]) {
+    let mut input = Input::new(data);
+    let (mem, console) = console_guest(&mut input);
+    let queues = console.lock().unwrap().queue_max_sizes().len();
+    let vectors = (0..pci_transport::msix_vectors_for(queues))
+        .map(|i| MsixVector {
+            gsi: 24 + i as u32,
+            irqfd: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        })
+        .collect();
+    let table = Arc::new(MsixTable::new(vectors, Arc::new(NoRoutes)));
+    let interrupt = Arc::new(VirtioInterrupt::with_msix(
+        EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        crate::devices::metrics::DeviceMetrics::unnamed(),
+        MsixVectors::new(table, queues),
+    ));
+    let mut t = PciTransport::new(
+        mem,
+        console.clone(),
+        interrupt.clone(),
+        0xc000_0000,
+        5,
+        Box::new(NoNotify),
+    )
+    .expect("virtio-pci transport");
+    for _ in 0..MAX_MMIO_OPS {
+        if input.is_empty() {
+            break;
+        }
+        let op = input.u8();
+        let len = 1usize << ((op >> 1) & 3);
+        let offset = input.u16();
+        let value = input.u64().to_le_bytes();
+        let mut buf = [0u8; 8];
+        match (op & 8 != 0, op & 1 != 0) {
+            (true, true) => t.config_write(usize::from(offset) % 256, &value[..len]),
+            (true, false) => t.config_read(usize::from(offset) % 256, &mut buf[..len]),
+            (false, true) => t.bar_write(
+                0,
+                u64::from(offset) % pci_transport::BAR_SIZE,
+                &value[..len],
+            ),
+            (false, false) => t.bar_read(
+                0,
+                u64::from(offset) % pci_transport::BAR_SIZE,
+                &mut buf[..len],
+            ),
+        }
+    }
+    // Whatever the driver did, interrupts go somewhere or pend, never panic.
+    interrupt.signal_used_queue(0);
+    interrupt.signal_used_queue(usize::MAX);
+    interrupt.signal_config_change();
     let mut console = console.lock().unwrap();
     console.process_tx();
     console.process_rx();

@@ -4,4 +4,5 @@ pub mod coalesced;
 pub mod memory;
 pub mod stats;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;

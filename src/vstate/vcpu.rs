@@ -5,11 +5,17 @@
 //! through `VmRunState`; the VMM's event loop stops the other vCPUs by setting `stop` and
 //! kicking each thread with `SIGRTMIN`, whose handler sets `kvm_run.immediate_exit` so a
 //! kick can never be lost between checking `stop` and entering `KVM_RUN`.
+//!
+//! For the crash report each vCPU keeps a `VcpuRecord`: its registers at every periodic kick
+//! (a sample at most 100 ms old), and when the guest stopped on it (its exit, or a machine
+//! reset it asked for through a device), with what KVM said about the exit.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_run, CpuId, KVM_MP_STATE_HALTED, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -20,11 +26,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::arch::x86_64::boot::KernelEntry;
+use crate::arch::x86_64::cpu_state::CpuState;
 use crate::arch::x86_64::cpuid::filter_cpuid;
 use crate::arch::x86_64::regs::{setup_boot_vcpu, setup_common, RegsError};
 use crate::devices::bus::Bus;
 use crate::vstate::coalesced::CoalescedRing;
 use crate::vstate::memory::GuestMemoryMmap;
+use crate::vstate::vcpu_state::{self, VcpuState, VcpuStateError};
 
 /// RFLAGS.IF: interrupts enabled.
 const RFLAGS_IF: u64 = 1 << 9;
@@ -100,6 +108,57 @@ impl std::fmt::Display for GuestExit {
     }
 }
 
+/// What KVM said about the exit that ended the VM (the `kvm_run` exit union, KVM API
+/// documentation 5. "The kvm_run structure").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmExitData {
+    /// KVM_EXIT_INTERNAL_ERROR: `internal.suberror`, `internal.ndata` and the valid part of
+    /// `internal.data`.
+    Internal {
+        suberror: u32,
+        ndata: u32,
+        data: Vec<u64>,
+    },
+    /// KVM_EXIT_FAIL_ENTRY: the hardware's reason and the host CPU.
+    FailEntry { reason: u64, cpu: u32 },
+}
+
+/// A vCPU's registers at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub at: Instant,
+    pub state: CpuState,
+}
+
+/// What one vCPU left for the crash report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VcpuRecord {
+    /// Taken at the latest periodic kick from the event loop.
+    pub sampled: Option<Snapshot>,
+    /// Taken when the guest stopped on this vCPU: at its exit, or when it asked a device to
+    /// reset the machine (the first time).
+    pub stopped: Option<Snapshot>,
+    /// KVM's data for the exit that stopped this vCPU.
+    pub exit_data: Option<KvmExitData>,
+    /// Why the registers at the stop could not be read.
+    pub error: Option<String>,
+}
+
+/// What a parked vCPU thread is asked to do for the event loop.
+pub enum VcpuRequest {
+    /// Take the vCPU's state (snapshot, migration).
+    SaveState(Sender<Result<VcpuState, VcpuStateError>>),
+}
+
+/// Pausing: the event loop asks, every vCPU thread leaves KVM_RUN and parks until resumed,
+/// answering requests meanwhile (only a parked thread may touch its vCPU's state: KVM takes
+/// the vCPU's mutex for every vCPU ioctl).
+struct Pause {
+    requested: bool,
+    parked: Vec<bool>,
+    requests: Vec<Option<VcpuRequest>>,
+}
+
 /// State shared between the vCPU threads and the VMM's event loop.
 pub struct VmRunState {
     stop: AtomicBool,
@@ -108,16 +167,113 @@ pub struct VmRunState {
     pub exit_evt: EventFd,
     /// Per vCPU: last seen halted with interrupts disabled.
     dead_halt: Vec<AtomicBool>,
+    /// Per vCPU: registers for the crash report.
+    records: Vec<Mutex<VcpuRecord>>,
+    /// Read on every exit, so a pause costs the run loop one load.
+    pause_requested: AtomicBool,
+    pause: Mutex<Pause>,
+    pause_cv: Condvar,
 }
 
 impl VmRunState {
     pub fn new(num_vcpus: u8) -> std::io::Result<Self> {
+        let n = usize::from(num_vcpus);
         Ok(Self {
             stop: AtomicBool::new(false),
             exit: Mutex::new(None),
             exit_evt: EventFd::new(libc::EFD_NONBLOCK)?,
             dead_halt: (0..num_vcpus).map(|_| AtomicBool::new(false)).collect(),
+            records: (0..num_vcpus).map(|_| Mutex::default()).collect(),
+            pause_requested: AtomicBool::new(false),
+            pause: Mutex::new(Pause {
+                requested: false,
+                parked: vec![false; n],
+                requests: (0..n).map(|_| None).collect(),
+            }),
+            pause_cv: Condvar::new(),
         })
+    }
+
+    fn record(&self, vcpu: u8) -> MutexGuard<'_, VcpuRecord> {
+        self.records[usize::from(vcpu)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What every vCPU left for the crash report, by vCPU id.
+    pub fn records(&self) -> Vec<VcpuRecord> {
+        (0..self.records.len())
+            .map(|i| self.record(i as u8).clone())
+            .collect()
+    }
+
+    fn pause_lock(&self) -> MutexGuard<'_, Pause> {
+        self.pause.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every vCPU to park; `wait_parked` waits for them (after kicking them).
+    pub fn request_pause(&self) {
+        self.pause_lock().requested = true;
+        self.pause_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until every vCPU thread parked, at most `timeout`; false on timeout.
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.pause_lock();
+        while !p.parked.iter().all(|&x| x) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.stopping() {
+                return false;
+            }
+            p = self
+                .pause_cv
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Lets the parked vCPUs run again.
+    pub fn resume(&self) {
+        let mut p = self.pause_lock();
+        p.requested = false;
+        self.pause_requested.store(false, Ordering::SeqCst);
+        drop(p);
+        self.pause_cv.notify_all();
+    }
+
+    /// Whether a pause is requested (or in effect).
+    pub fn paused(&self) -> bool {
+        self.pause_requested.load(Ordering::SeqCst)
+    }
+
+    /// Hands `req` to parked vCPU `id`.
+    pub fn request(&self, id: u8, req: VcpuRequest) {
+        self.pause_lock().requests[usize::from(id)] = Some(req);
+        self.pause_cv.notify_all();
+    }
+
+    /// Parks the calling vCPU thread until resumed or stopped, serving requests.
+    fn park(&self, id: u8, mut serve: impl FnMut(VcpuRequest)) {
+        let i = usize::from(id);
+        let mut p = self.pause_lock();
+        p.parked[i] = true;
+        self.pause_cv.notify_all();
+        loop {
+            if let Some(req) = p.requests[i].take() {
+                drop(p);
+                serve(req);
+                p = self.pause_lock();
+                continue;
+            }
+            if !p.requested || self.stopping() {
+                break;
+            }
+            p = self.pause_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        p.parked[i] = false;
     }
 
     /// Records why the guest stopped; only the first report counts.
@@ -136,9 +292,11 @@ impl VmRunState {
         self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Asks every vCPU loop to return at its next check.
+    /// Asks every vCPU loop to return at its next check (parked ones too).
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        let _p = self.pause_lock();
+        self.pause_cv.notify_all();
     }
 
     fn stopping(&self) -> bool {
@@ -218,6 +376,16 @@ pub fn is_dead_halt(mp_state: u32, rflags: u64) -> bool {
 thread_local! {
     /// The `kvm_run` of the vCPU this thread runs, for the kick signal handler.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+    /// A device asked for this vCPU's registers at the exit being handled.
+    static SNAPSHOT_WANTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Asks for the registers of the vCPU this thread runs as they are at the exit it is
+/// handling, once that is done: for a device model that resets the machine (the i8042's
+/// reset line), so a crash report can show where the guest asked for it (a kernel panic
+/// restarts through there). Does nothing on a thread that runs no vCPU.
+pub fn snapshot_this_vcpu() {
+    SNAPSHOT_WANTED.with(|w| w.set(true));
 }
 
 extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -272,6 +440,8 @@ pub struct Vcpu {
     id: u8,
     fd: VcpuFd,
     coalesced: Option<Arc<CoalescedRing>>,
+    /// The MSRs its state includes (KVM_GET_MSR_INDEX_LIST).
+    msr_indices: Arc<Vec<u32>>,
 }
 
 /// A running vCPU thread.
@@ -302,6 +472,25 @@ impl Vcpu {
             id,
             fd,
             coalesced: None,
+            msr_indices: Arc::new(Vec::new()),
+        }
+    }
+
+    /// The MSRs to save with its state.
+    pub fn set_msr_indices(&mut self, msrs: Arc<Vec<u32>>) {
+        self.msr_indices = msrs;
+    }
+
+    /// Puts a saved state into this (never run) vCPU, instead of `configure`.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuStateError> {
+        vcpu_state::restore(&self.fd, state)
+    }
+
+    fn serve(&self, req: VcpuRequest) {
+        match req {
+            VcpuRequest::SaveState(reply) => {
+                let _ = reply.send(vcpu_state::save(&self.fd, self.id, &self.msr_indices));
+            }
         }
     }
 
@@ -370,7 +559,11 @@ impl Vcpu {
                 Ok(exit) => {
                     // Writes KVM held back happened before this exit: apply them first.
                     drain_coalesced(id, self.coalesced.as_deref(), pio, mmio);
-                    handle_exit(id, exit, current_pio_size(), pio, mmio)
+                    let action = handle_exit(id, exit, current_pio_size(), pio, mmio);
+                    if SNAPSHOT_WANTED.with(|w| w.replace(false)) {
+                        self.record_stop(state, None);
+                    }
+                    action
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
@@ -380,8 +573,13 @@ impl Vcpu {
                     if state.stopping() {
                         return None;
                     }
-                    // A periodic kick from the VMM: tell it whether this vCPU is gone for good.
-                    let dead = self.dead_halted();
+                    if state.paused() {
+                        state.park(id, |req| self.serve(req));
+                        continue;
+                    }
+                    // A periodic kick from the VMM: tell it whether this vCPU is gone for good,
+                    // and keep where it is for a crash report.
+                    let dead = self.sample(state);
                     state.dead_halt[usize::from(id)].store(dead, Ordering::SeqCst);
                     VcpuAction::Continue
                 }
@@ -392,25 +590,91 @@ impl Vcpu {
             };
             match action {
                 VcpuAction::Continue => {}
-                VcpuAction::Stop(GuestExit::InternalError { .. }) => {
-                    let run = self.fd.get_kvm_run();
-                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills
-                    // the `internal` member of the exit union; reading a u32 from it is sound.
-                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                    return Some(GuestExit::InternalError { vcpu: id, suberror });
+                VcpuAction::Stop(exit) => {
+                    let data = self.exit_data(&exit);
+                    let exit = match (exit, &data) {
+                        (
+                            GuestExit::InternalError { vcpu, .. },
+                            Some(KvmExitData::Internal { suberror, .. }),
+                        ) => GuestExit::InternalError {
+                            vcpu,
+                            suberror: *suberror,
+                        },
+                        (exit, _) => exit,
+                    };
+                    self.record_stop(state, data);
+                    return Some(exit);
                 }
-                VcpuAction::Stop(exit) => return Some(exit),
             }
         }
     }
 
-    fn dead_halted(&self) -> bool {
+    /// KVM's data for an exit that stops the VM, read from `kvm_run`.
+    fn exit_data(&mut self, exit: &GuestExit) -> Option<KvmExitData> {
+        let run = self.fd.get_kvm_run();
+        match exit {
+            GuestExit::InternalError { .. } => {
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the
+                // `internal` member of the exit union, plain integers any bits of which are
+                // valid; `data` is a fixed array, indexed below within its length.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                let valid = (internal.ndata as usize).min(internal.data.len());
+                Some(KvmExitData::Internal {
+                    suberror: internal.suberror,
+                    ndata: internal.ndata,
+                    data: internal.data[..valid].to_vec(),
+                })
+            }
+            GuestExit::FailEntry { .. } => {
+                // SAFETY: the exit reason is KVM_EXIT_FAIL_ENTRY, for which KVM fills the
+                // `fail_entry` member of the exit union, plain integers.
+                let fail = unsafe { run.__bindgen_anon_1.fail_entry };
+                Some(KvmExitData::FailEntry {
+                    reason: fail.hardware_entry_failure_reason,
+                    cpu: fail.cpu,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Keeps the registers as they are now as where the guest stopped on this vCPU (the
+    /// first time only: a panicking kernel pulses the reset line several times).
+    fn record_stop(&self, state: &VmRunState, data: Option<KvmExitData>) {
+        let read = CpuState::read(&self.fd);
+        let mut rec = state.record(self.id);
+        if data.is_some() {
+            rec.exit_data = data;
+        }
+        if rec.stopped.is_some() {
+            return;
+        }
+        match read {
+            Ok(cpu) => {
+                rec.stopped = Some(Snapshot {
+                    at: Instant::now(),
+                    state: cpu,
+                })
+            }
+            Err(e) => rec.error = Some(format!("cannot read the registers: {e}")),
+        }
+    }
+
+    /// On a periodic kick: keeps the registers for a crash report, and says whether the vCPU
+    /// is halted for good.
+    fn sample(&self, state: &VmRunState) -> bool {
         let Ok(mp) = self.fd.get_mp_state() else {
             return false;
         };
         let Ok(regs) = self.fd.get_regs() else {
             return false;
         };
+        if let Ok(sregs) = self.fd.get_sregs() {
+            state.record(self.id).sampled = Some(Snapshot {
+                at: Instant::now(),
+                state: CpuState::from_kvm(&regs, &sregs),
+            });
+        }
         is_dead_halt(mp.mp_state, regs.rflags)
     }
 }

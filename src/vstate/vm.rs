@@ -11,7 +11,7 @@ use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, CpuId,
     KvmIrqRouting, KVM_API_VERSION, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -27,8 +27,8 @@ pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 /// Bit 16 of an IOAPIC redirection entry: the pin is masked.
 const IOAPIC_REDIR_MASKED: u64 = 1 << 16;
 
-/// Capabilities the VMM cannot run without.
-const REQUIRED_CAPS: &[(Cap, &str)] = &[
+/// Capabilities the VMM cannot run without (`ferrovm check` lists them too).
+pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
     (Cap::Irqfd, "KVM_CAP_IRQFD"),
@@ -118,10 +118,7 @@ impl KvmVm {
     /// Opens the KVM device (`FERROVM_KVM_DEVICE` or /dev/kvm) and creates a VM with an
     /// in-kernel irqchip and PIT.
     pub fn new(max_vcpus: u8) -> Result<Self, VmError> {
-        let path = std::env::var_os("FERROVM_KVM_DEVICE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE));
-        let kvm = open_kvm(&path)?;
+        let kvm = open_kvm(&kvm_device_path())?;
         for (cap, name) in REQUIRED_CAPS {
             if !kvm.check_extension(*cap) {
                 return Err(VmError::MissingCap(name));
@@ -160,29 +157,7 @@ impl KvmVm {
 
     /// Gives KVM every region of guest memory, one slot each.
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .expect("a region's own start address is mapped");
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: the host range is a live mapping owned by `mem` of exactly `len` bytes;
-            // the VMM keeps `mem` alive for as long as the VM (and so the slot) exists.
-            unsafe { self.fd.set_user_memory_region(region_desc) }.map_err(|source| {
-                VmError::MemorySlot {
-                    slot: slot as u32,
-                    addr: region.start_addr().0,
-                    size: region.len(),
-                    source,
-                }
-            })?;
-        }
-        Ok(())
+        set_memory_slots(&self.fd, mem, false)
     }
 
     /// The CPUID entries KVM can offer, to be filtered per vCPU.
@@ -240,6 +215,75 @@ impl KvmVm {
         &self.fd
     }
 
+    /// A handle on the VM for another thread (the migration thread reads the dirty log).
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
+    }
+
+    /// The MSRs a vCPU's saved state includes: every one KVM lists as saveable.
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .map_err(|e| VmError::Kvm("read KVM's MSR list", e))
+    }
+
+    /// The in-kernel devices' state: PIT, kvmclock, both PICs and the IOAPIC. Taken with
+    /// every vCPU stopped.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(|e| VmError::Kvm("read an interrupt controller", e))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pit: self
+                .fd
+                .get_pit2()
+                .map_err(|e| VmError::Kvm("read the PIT", e))?,
+            clock: self
+                .fd
+                .get_clock()
+                .map_err(|e| VmError::Kvm("read kvmclock", e))?,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        })
+    }
+
+    /// Puts `state` back, before any vCPU runs. The clock goes back to the value it had when
+    /// the state was taken, so the guest's monotonic time does not jump over the time the
+    /// VM spent as a snapshot.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(|e| VmError::Kvm("restore the PIT", e))?;
+        let mut clock = state.clock;
+        // Only the clock value: the flags KVM reported (TSC_STABLE, REALTIME) are not
+        // accepted back.
+        clock.flags = 0;
+        self.fd
+            .set_clock(&clock)
+            .map_err(|e| VmError::Kvm("restore kvmclock", e))?;
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| VmError::Kvm("restore an interrupt controller", e))?;
+        }
+        Ok(())
+    }
+
+    /// Hands KVM the routing table again (after a restore, with the MSI routes the
+    /// restored MSI-X tables programmed).
+    pub fn router_reapply(&self) -> Result<(), VmError> {
+        self.router.apply()
+    }
+
     /// The interrupt routing table, shared with the MSI-X tables that program it.
     pub fn router(&self) -> &Arc<GsiRouter> {
         &self.router
@@ -250,6 +294,16 @@ impl KvmVm {
     pub fn ioevents(&self) -> IoEvents {
         IoEvents(self.fd.clone())
     }
+}
+
+/// The in-kernel devices' saved state.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub pit: kvm_bindings::kvm_pit_state2,
+    pub clock: kvm_bindings::kvm_clock_data,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
 }
 
 /// KVM's GSI routing table (`KVM_SET_GSI_ROUTING` replaces it whole): the IOAPIC and PIC
@@ -284,11 +338,20 @@ impl GsiRouter {
     pub fn set_msi_route(&self, gsi: u32, address: u64, data: u32) -> Result<(), VmError> {
         let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
         msi.insert(gsi, (address, data));
-        let table = routing_table(&msi);
+        self.set(&msi)
+    }
+
+    fn set(&self, msi: &BTreeMap<u32, (u64, u32)>) -> Result<(), VmError> {
+        let table = routing_table(msi);
         let routes = table.as_slice().len();
         self.vm
             .set_gsi_routing(&table)
             .map_err(|source| VmError::GsiRouting { routes, source })
+    }
+
+    fn apply(&self) -> Result<(), VmError> {
+        let msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        self.set(&msi)
     }
 }
 
@@ -362,7 +425,55 @@ impl IoEvents {
     }
 }
 
-fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+/// Gives KVM every region of `mem`, slot `i` for region `i`, with dirty logging on or off
+/// (`KVM_MEM_LOG_DIRTY_PAGES`, api.rst 4.35: setting a slot again with other flags changes
+/// only them).
+pub fn set_memory_slots(fd: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .expect("a region's own start address is mapped");
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: if dirty_log {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+        };
+        // SAFETY: the host range is a live mapping owned by `mem` of exactly `len` bytes;
+        // the VMM keeps `mem` alive for as long as the VM (and so the slot) exists.
+        unsafe { fd.set_user_memory_region(region_desc) }.map_err(|source| {
+            VmError::MemorySlot {
+                slot: slot as u32,
+                addr: region.start_addr().0,
+                size: region.len(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// KVM's dirty log of memory slot `slot` (`len` bytes), read and cleared: one bit per 4 KiB
+/// page the guest (or KVM itself) wrote since the last read.
+pub fn dirty_log(fd: &VmFd, slot: u32, len: u64) -> Result<Vec<u64>, VmError> {
+    fd.get_dirty_log(slot, len as usize)
+        .map_err(|e| VmError::Kvm("read the dirty log", e))
+}
+
+/// The KVM device node: `FERROVM_KVM_DEVICE`, else /dev/kvm.
+pub fn kvm_device_path() -> PathBuf {
+    std::env::var_os("FERROVM_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_KVM_DEVICE))
+}
+
+/// Opens the KVM device at `path` and checks its API version.
+pub fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let cpath =
         CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| VmError::KvmMissing {
             path: path.to_path_buf(),

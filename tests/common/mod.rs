@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -277,10 +279,15 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// `ferrovm run` with no arguments yet.
+    /// `ferrovm run` with no arguments yet, and the guest-memory write guard on (a device
+    /// write outside the buffers the guest's descriptors allowed aborts the VMM with a
+    /// message) unless FERROVM_WRITE_GUARD says otherwise.
     pub fn new() -> Self {
         let mut cmd = Command::new(ferrovm_bin());
-        cmd.arg("run").stdin(Stdio::null());
+        let guard = std::env::var("FERROVM_WRITE_GUARD").unwrap_or_else(|_| "1".into());
+        cmd.arg("run")
+            .stdin(Stdio::null())
+            .env("FERROVM_WRITE_GUARD", guard);
         Self {
             cmd,
             timeout: Duration::from_secs(300),
@@ -331,6 +338,16 @@ impl Vm {
         self
     }
 
+    /// Makes ferrovm's hardware virtualization check see a host without it, whatever this
+    /// one has: CPU flags without vmx/svm and the software KVM module (`FERROVM_TEST_CPUINFO`,
+    /// `FERROVM_TEST_SYS_MODULE`).
+    pub fn as_if_kvm_were_emulated(&mut self) -> &mut Self {
+        let (cpuinfo, modules) =
+            fake_host("fpu vme de pse tsc msr hypervisor", &["kvm", "kvm_pvm"]);
+        self.env("FERROVM_TEST_CPUINFO", cpuinfo)
+            .env("FERROVM_TEST_SYS_MODULE", modules)
+    }
+
     /// Runs to completion and collects its output; a run past the timeout is killed and
     /// fails the test with everything it printed.
     ///
@@ -366,6 +383,57 @@ impl Default for Vm {
     }
 }
 
+impl Vm {
+    /// `ferrovm restore --snapshot DIR` with no further arguments yet.
+    pub fn restore(dir: &Path) -> Self {
+        let mut cmd = Command::new(ferrovm_bin());
+        cmd.arg("restore")
+            .arg("--snapshot")
+            .arg(dir)
+            .stdin(Stdio::null());
+        Self {
+            cmd,
+            timeout: Duration::from_secs(300),
+            expects_userspace: false,
+        }
+    }
+}
+
+/// Runs `ferrovm ARGS` (a client subcommand) to completion.
+pub fn ferrovm_cli(args: &[&str]) -> std::process::Output {
+    Command::new(ferrovm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ferrovm")
+}
+
+/// A fresh directory on a local filesystem, removed on drop: Unix sockets cannot live on
+/// the nested sandbox's 9p share, and snapshots write faster to tmpfs.
+pub struct LocalDir(pub PathBuf);
+
+impl LocalDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = PathBuf::from("/var/tmp")
+            .join(format!("ferrovm-test-{}-{n}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        LocalDir(p)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for LocalDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A file removed when the test ends (also when it fails).
 pub struct TempFile(pub PathBuf);
 
@@ -397,6 +465,25 @@ pub fn temp_path(tag: &str) -> PathBuf {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     std::env::temp_dir().join(format!("ferrovm-test-{}-{n}-{tag}", std::process::id()))
+}
+
+/// A /proc/cpuinfo with `flags` and a /sys/module with directories `modules`, in a fresh
+/// directory under the temp dir (left there: a few bytes): for `FERROVM_TEST_CPUINFO` and
+/// `FERROVM_TEST_SYS_MODULE`.
+pub fn fake_host(flags: &str, modules: &[&str]) -> (PathBuf, PathBuf) {
+    let dir = temp_path("fake-host");
+    let sys_module = dir.join("module");
+    std::fs::create_dir_all(&sys_module).unwrap();
+    for m in modules {
+        std::fs::create_dir_all(sys_module.join(m)).unwrap();
+    }
+    let cpuinfo = dir.join("cpuinfo");
+    std::fs::write(
+        &cpuinfo,
+        format!("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\n"),
+    )
+    .unwrap();
+    (cpuinfo, sys_module)
 }
 
 /// A minimal x86_64 `vmlinux`-shaped ELF whose entry (at 1 MiB, entered in 64-bit mode
@@ -569,6 +656,14 @@ impl Running {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(NotSeen::Ended),
             }
         }
+    }
+
+    /// Every stdout line seen so far (by `wait_for`), joined.
+    pub fn seen_text(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
     }
 
     /// Writes to the VMM's stdin (set up with `Vm::stdin_piped`).

@@ -128,6 +128,87 @@ pub struct Ne2k {
     metrics: Arc<DeviceMetrics>,
 }
 
+/// The chip's state for snapshots: the register file and the 16 KiB buffer memory
+/// (receive ring and transmit buffers included). The PCI configuration space goes with the
+/// bus.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Ne2kSnapshot {
+    /// cr pstart pstop bnry tpsr isr rcr tcr dcr imr curr tsr rsr
+    regs: [u8; 13],
+    tbcr: u16,
+    rsar: u16,
+    rbcr: u16,
+    par: [u8; 6],
+    mar: [u8; 8],
+    mem: Vec<u8>,
+    rx_blocked: bool,
+}
+
+impl crate::devices::Persist for Ne2k {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        crate::devices::to_state(&Ne2kSnapshot {
+            regs: [
+                self.cr,
+                self.pstart,
+                self.pstop,
+                self.bnry,
+                self.tpsr,
+                self.isr,
+                self.rcr,
+                self.tcr,
+                self.dcr,
+                self.imr,
+                self.curr,
+                self.tsr,
+                self.rsr,
+            ],
+            tbcr: self.tbcr,
+            rsar: self.rsar,
+            rbcr: self.rbcr,
+            par: self.par,
+            mar: self.mar,
+            mem: self.mem.clone(),
+            rx_blocked: self.rx_blocked,
+        })
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let s: Ne2kSnapshot = crate::devices::from_state(v)?;
+        if s.mem.len() != self.mem.len() {
+            return Err(format!("NE2000 buffer memory of {} bytes", s.mem.len()));
+        }
+        let r = s.regs;
+        (
+            self.cr,
+            self.pstart,
+            self.pstop,
+            self.bnry,
+            self.tpsr,
+            self.isr,
+            self.rcr,
+        ) = (r[0], r[1], r[2], r[3], r[4], r[5], r[6]);
+        (self.tcr, self.dcr, self.imr, self.curr, self.tsr, self.rsr) =
+            (r[7], r[8], r[9], r[10], r[11], r[12]);
+        self.tbcr = s.tbcr;
+        self.rsar = s.rsar;
+        self.rbcr = s.rbcr;
+        self.par = s.par;
+        self.mar = s.mar;
+        self.mem = s.mem;
+        self.rx_blocked = s.rx_blocked;
+        Ok(())
+    }
+
+    /// A receive the old process had held back waits for room: look again; and an
+    /// interrupt pending in ISR is raised again.
+    fn kick(&mut self) {
+        self.rx_space.signal();
+        if self.isr & self.imr != 0 {
+            self.irq.signal();
+        }
+    }
+}
+
 impl Ne2k {
     /// A NIC with station address `mac`, BAR0 at `io_base`, INTA routed to `irq_line`.
     pub fn new(

@@ -29,6 +29,8 @@ const PWRBTN: u16 = 1 << 8;
 pub struct AcpiPm {
     power_off_evt: EventFd,
     reset_evt: EventFd,
+    /// The SCI (an irqfd on GSI 9), raised for the power button.
+    sci: Option<EventFd>,
     status: u16,
     enable: u16,
     control: u16,
@@ -40,10 +42,35 @@ impl AcpiPm {
         Self {
             power_off_evt,
             reset_evt,
+            sci: None,
             status: 0,
             enable: 0,
             control: SCI_EN,
         }
+    }
+
+    /// Raises `sci` for the fixed-feature events (the power button).
+    pub fn with_sci(mut self, sci: EventFd) -> Self {
+        self.sci = Some(sci);
+        self
+    }
+
+    /// A press of the power button (ACPI 4.8.2.2.1.1): PWRBTN_STS set, and the SCI raised if
+    /// the OS enabled the event. What happens then is the guest's choice (Linux's ACPI
+    /// button driver reports KEY_POWER; an init or acpid decides).
+    pub fn press_power_button(&mut self) -> bool {
+        self.status |= PWRBTN;
+        let enabled = self.enable & PWRBTN != 0;
+        if enabled {
+            if let Some(sci) = &self.sci {
+                Self::signal(sci, "SCI");
+            }
+        }
+        info!(
+            "acpi: power button pressed (the guest has the event {})",
+            if enabled { "enabled" } else { "disabled" }
+        );
+        enabled
     }
 
     fn signal(evt: &EventFd, what: &str) {
@@ -92,6 +119,20 @@ impl AcpiPm {
     }
 }
 
+impl crate::devices::Persist for AcpiPm {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        Ok(serde_json::json!([self.status, self.enable, self.control]))
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let [status, enable, control]: [u16; 3] = crate::devices::from_state(v)?;
+        self.status = status;
+        self.enable = enable;
+        self.control = control | SCI_EN;
+        Ok(())
+    }
+}
+
 impl BusDevice for AcpiPm {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -109,6 +150,9 @@ impl BusDevice for AcpiPm {
             match data.first() {
                 Some(&RESET_VALUE) => {
                     info!("acpi: the guest reset the machine through the reset register");
+                    // Where the guest asked for it, for a crash report: a panic restarts
+                    // through here too.
+                    crate::vstate::vcpu::snapshot_this_vcpu();
                     Self::signal(&self.reset_evt, "reset");
                 }
                 v => warn!("acpi: reset register written with {v:?}, not {RESET_VALUE}; ignored"),
@@ -199,6 +243,20 @@ mod tests {
             PWRBTN | GBL,
             "only implemented bits"
         );
+    }
+
+    #[test]
+    fn the_power_button_sets_its_status_and_raises_the_sci_when_enabled() {
+        let (d, _, _) = dev();
+        let sci = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut d = d.with_sci(sci.try_clone().unwrap());
+        assert!(!d.press_power_button(), "not enabled yet");
+        assert!(sci.read().is_err());
+        assert_eq!(r16(&mut d, PM1_STATUS_OFFSET) & PWRBTN, PWRBTN);
+        w16(&mut d, PM1_STATUS_OFFSET, PWRBTN);
+        w16(&mut d, PM1_ENABLE_OFFSET, PWRBTN);
+        assert!(d.press_power_button());
+        assert_eq!(sci.read().unwrap(), 1);
     }
 
     #[test]

@@ -81,6 +81,8 @@ impl I8042 {
 
     fn reset_cpu(&mut self) {
         debug!("i8042: CPU reset requested by the guest");
+        // Where the guest asked for it, for a crash report: a panic restarts through here.
+        crate::vstate::vcpu::snapshot_this_vcpu();
         if let Err(e) = self.reset_evt.write(1) {
             error!("i8042: failed to signal the reset: {e}");
         }
@@ -120,6 +122,37 @@ impl I8042 {
             // A byte for the keyboard, which is absent: answer like a timed-out device.
             _ => debug!("i8042: byte {byte:#04x} for the absent keyboard"),
         }
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct I8042Snapshot {
+    status: u8,
+    ctr: u8,
+    outp: u8,
+    out_buf: Option<u8>,
+    pending: Option<u8>,
+}
+
+impl crate::devices::Persist for I8042 {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        crate::devices::to_state(&I8042Snapshot {
+            status: self.status,
+            ctr: self.ctr,
+            outp: self.outp,
+            out_buf: self.out_buf,
+            pending: self.pending,
+        })
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let s: I8042Snapshot = crate::devices::from_state(v)?;
+        self.status = s.status;
+        self.ctr = s.ctr;
+        self.outp = s.outp;
+        self.out_buf = s.out_buf;
+        self.pending = s.pending;
+        Ok(())
     }
 }
 

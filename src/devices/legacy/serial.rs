@@ -45,6 +45,13 @@ impl EventFdTrigger {
     pub fn new(evt: EventFd, metrics: Arc<DeviceMetrics>) -> Self {
         Self { evt, metrics }
     }
+
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            evt: self.evt.try_clone()?,
+            metrics: self.metrics.clone(),
+        })
+    }
 }
 
 impl Trigger for EventFdTrigger {
@@ -62,6 +69,15 @@ impl Trigger for EventFdTrigger {
 pub struct SerialEventsNotifier {
     buffer_ready: EventFd,
     metrics: Arc<DeviceMetrics>,
+}
+
+impl SerialEventsNotifier {
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            buffer_ready: self.buffer_ready.try_clone()?,
+            metrics: self.metrics.clone(),
+        })
+    }
 }
 
 impl SerialEvents for SerialEventsNotifier {
@@ -101,6 +117,80 @@ const MCR_OFFSET: u64 = 4;
 const MCR_OUT2: u8 = 0x08;
 /// MCR.LOOP: loopback, where the receiver sees the transmitter, not the line.
 const MCR_LOOP: u8 = 0x10;
+
+/// A UART's state for snapshots: vm-superio's registers and receive FIFO, and what the
+/// wrapper tracks of the guest's writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SerialSnapshot {
+    regs: [u8; 9],
+    in_buffer: Vec<u8>,
+    ier: u8,
+    lcr: u8,
+    mcr: u8,
+}
+
+impl crate::devices::Persist for SerialDevice {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        let st = self.serial.state();
+        crate::devices::to_state(&SerialSnapshot {
+            regs: [
+                st.baud_divisor_low,
+                st.baud_divisor_high,
+                st.interrupt_enable,
+                st.interrupt_identification,
+                st.line_control,
+                st.line_status,
+                st.modem_control,
+                st.modem_status,
+                st.scratch,
+            ],
+            in_buffer: st.in_buffer,
+            ier: self.ier,
+            lcr: self.lcr,
+            mcr: self.mcr,
+        })
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let s: SerialSnapshot = crate::devices::from_state(v)?;
+        let r = s.regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: s.in_buffer,
+        };
+        // vm-superio rebuilds a UART from a state; the wrapper keeps its eventfds and output.
+        let trigger = self
+            .serial
+            .interrupt_evt()
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        let events = self
+            .serial
+            .events()
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        let placeholder = Serial::with_events(
+            trigger.try_clone().map_err(|e| e.to_string())?,
+            events.try_clone().map_err(|e| e.to_string())?,
+            Box::new(io::sink()) as Box<dyn Write + Send>,
+        );
+        let out = std::mem::replace(&mut self.serial, placeholder).into_writer();
+        self.serial = Serial::from_state(&state, trigger, events, out)
+            .map_err(|e| format!("vm-superio refused the UART state: {e:?}"))?;
+        self.ier = s.ier;
+        self.lcr = s.lcr;
+        self.mcr = s.mcr;
+        Ok(())
+    }
+}
 
 impl SerialDevice {
     /// A UART raising `irq_evt` and writing guest output to `out`, counting into `metrics`.

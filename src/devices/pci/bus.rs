@@ -138,6 +138,46 @@ impl PciBus {
     }
 }
 
+/// The bus's state: CONFIG_ADDRESS and every function's configuration space (the device
+/// models carry the rest of their state themselves).
+impl crate::devices::Persist for PciBus {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        let functions: Vec<(u8, u8, Vec<u8>)> = self
+            .devices
+            .iter()
+            .map(|((s, f), d, _)| (*s, *f, lock(d).config().raw().to_vec()))
+            .collect();
+        Ok(serde_json::json!({ "address": self.address, "functions": functions }))
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        #[derive(serde::Deserialize)]
+        struct St {
+            address: u32,
+            functions: Vec<(u8, u8, Vec<u8>)>,
+        }
+        let st: St = crate::devices::from_state(v)?;
+        if st.functions.len() != self.devices.len() {
+            return Err(format!(
+                "the snapshot has {} PCI functions, this VM {}",
+                st.functions.len(),
+                self.devices.len()
+            ));
+        }
+        for ((slot, func, bytes), ((s, f), dev, _)) in st.functions.iter().zip(&self.devices) {
+            if (slot, func) != (s, f) {
+                return Err(format!(
+                    "PCI function {slot:02x}.{func} where {s:02x}.{f} is"
+                ));
+            }
+            lock(dev).config_mut().set_raw(bytes)?;
+        }
+        self.address = st.address;
+        self.refresh_decode();
+        Ok(())
+    }
+}
+
 impl BusDevice for PciBus {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match offset {

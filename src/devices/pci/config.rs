@@ -271,6 +271,23 @@ impl PciConfig {
             .map(|r| (r.base, r.size))
     }
 
+    /// The 256 bytes as they are (for snapshots).
+    pub fn raw(&self) -> &[u8; CONFIG_SIZE] {
+        &self.bytes
+    }
+
+    /// Overwrites the bytes, write masks aside (restoring a snapshot of the same function).
+    pub fn set_raw(&mut self, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() != CONFIG_SIZE {
+            return Err(format!(
+                "a configuration space of {} bytes, not {CONFIG_SIZE}",
+                bytes.len()
+            ));
+        }
+        self.bytes.copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// A configuration read of `data.len()` bytes at `off`; past the end reads all ones.
     pub fn read(&self, off: usize, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {

@@ -12,6 +12,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{error, warn};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Capability id of MSI-X.
@@ -66,6 +67,16 @@ struct State {
     function_masked: bool,
     /// The message each vector's GSI is routed to now.
     routed: Vec<Option<MsiMessage>>,
+}
+
+/// The table's state, for snapshots: each entry (address low/high, data, control), the
+/// pending bits, and message control's enable and function mask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    pub entries: Vec<(u32, u32, u32, u32)>,
+    pub pending: Vec<bool>,
+    pub enabled: bool,
+    pub function_masked: bool,
 }
 
 /// One vector's way to the guest: its GSI and the irqfd that raises it.
@@ -218,6 +229,50 @@ impl MsixTable {
             s.pending[v] = true;
             false
         }
+    }
+
+    /// The table's state for a snapshot.
+    pub fn save(&self) -> MsixState {
+        let s = self.lock();
+        MsixState {
+            entries: s
+                .entries
+                .iter()
+                .map(|e| (e.addr_lo, e.addr_hi, e.data, e.ctrl))
+                .collect(),
+            pending: s.pending.clone(),
+            enabled: s.enabled,
+            function_masked: s.function_masked,
+        }
+    }
+
+    /// Puts a snapshot's table back and routes every vector that can deliver (the new VM's
+    /// routing table starts without them).
+    pub fn restore(&self, st: &MsixState) -> Result<(), String> {
+        let mut s = self.lock();
+        if st.entries.len() != s.entries.len() || st.pending.len() != s.pending.len() {
+            return Err(format!(
+                "the snapshot's MSI-X table has {} vectors, the device {}",
+                st.entries.len(),
+                s.entries.len()
+            ));
+        }
+        for (e, &(addr_lo, addr_hi, data, ctrl)) in s.entries.iter_mut().zip(&st.entries) {
+            *e = Entry {
+                addr_lo,
+                addr_hi,
+                data,
+                ctrl,
+            };
+        }
+        s.pending = st.pending.clone();
+        s.enabled = st.enabled;
+        s.function_masked = st.function_masked;
+        s.routed.iter_mut().for_each(|r| *r = None);
+        for v in 0..self.len() {
+            self.sync(&mut s, v);
+        }
+        Ok(())
     }
 
     /// A read of the table at `offset` (dword or qword, naturally aligned; 6.8.2).
@@ -429,6 +484,32 @@ pub(crate) mod tests {
         w32(&t, 12, 0xffff_ffff);
         t.read_table(12, &mut q[..4]);
         assert_eq!(q[..4], [1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn state_round_trips_and_restoring_reroutes() {
+        let (t, _) = table(2);
+        t.write_control(MSIX_ENABLE);
+        program(&t, 1, 0x55);
+        w32(&t, 12, 1);
+        assert!(!t.trigger(0), "vector 0 masked: pends");
+        let st = t.save();
+        let (t2, routes2) = table(2);
+        t2.restore(&st).unwrap();
+        assert_eq!(t2.save(), st);
+        assert_eq!(
+            routes2.0.lock().unwrap().as_slice(),
+            &[(
+                25,
+                MsiMessage {
+                    address: 0xfee0_0000,
+                    data: 0x55
+                }
+            )],
+            "the deliverable vector is routed again"
+        );
+        let (t3, _) = table(3);
+        assert!(t3.restore(&st).is_err(), "another table size");
     }
 
     #[test]

@@ -38,6 +38,7 @@ use super::device::{
     read_chain, rearm_notification, take_notifications, wants_interrupt, ActivateError, Activation,
     DeviceState, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use super::guest_write::{ChainWriter, ChainWrites, GuestWriter};
 use crate::config::DISK_SERIAL_MAX;
 pub use crate::devices::disk::BlockBackend;
 use crate::devices::disk::{GuestBuf, SECTOR_SIZE};
@@ -226,18 +227,19 @@ impl DiskOp {
         }
     }
 
-    /// Does the I/O.
+    /// Does the I/O; a read fills the buffers of the chain `dst` writes.
     fn run(
         &self,
         backend: &mut dyn BlockBackend,
-        mem: &GuestMemoryMmap,
+        dst: &ChainWriter,
         metrics: &DeviceMetrics,
     ) -> Result<(), RequestError> {
         let io_error = |e: io::Error| RequestError::Io(e.to_string());
+        let mem = dst.mem();
         match self {
             DiskOp::Read { offset, bufs, len } => {
                 backend
-                    .read_vectored_to(mem, bufs, *offset)
+                    .read_vectored_to(dst, bufs, *offset)
                     .map_err(io_error)?;
                 metrics.add_bytes_to_guest(*len);
                 Ok(())
@@ -255,12 +257,12 @@ impl DiskOp {
 }
 
 /// Copies the device id into the guest's buffers (as much as fits).
-fn write_id(id: &[u8], bufs: &[GuestBuf], mem: &GuestMemoryMmap) -> Result<u32, RequestError> {
+fn write_id(id: &[u8], bufs: &[GuestBuf], dst: &ChainWriter) -> Result<u32, RequestError> {
     let mut written = 0;
     let mut id = id;
     for b in bufs {
         let n = b.len.min(id.len());
-        mem.write_slice(&id[..n], b.addr)
+        dst.write_slice(&id[..n], b.addr)
             .map_err(|e| RequestError::Memory(e.to_string()))?;
         id = &id[n..];
         written += n as u32;
@@ -273,6 +275,7 @@ fn write_id(id: &[u8], bufs: &[GuestBuf], mem: &GuestMemoryMmap) -> Result<u32, 
 struct ActiveQueue {
     mem: GuestMemoryMmap,
     queue: Mutex<Queue>,
+    writer: GuestWriter,
     interrupt: Arc<VirtioInterrupt>,
     metrics: Arc<DeviceMetrics>,
 }
@@ -286,11 +289,11 @@ impl ActiveQueue {
     fn complete(
         &self,
         name: &str,
-        head: u16,
+        chain: ChainWrites,
         status: Option<GuestAddress>,
         result: Result<u32, RequestError>,
     ) {
-        self.complete_all(name, [(head, status, result)]);
+        self.complete_all(name, [(chain, status, result)]);
     }
 
     /// Writes each chain's status byte, returns the chains to the driver and interrupts it
@@ -298,11 +301,11 @@ impl ActiveQueue {
     fn complete_all(
         &self,
         name: &str,
-        done: impl IntoIterator<Item = (u16, Option<GuestAddress>, Result<u32, RequestError>)>,
+        done: impl IntoIterator<Item = (ChainWrites, Option<GuestAddress>, Result<u32, RequestError>)>,
     ) {
-        let used: Vec<(u16, u32)> = done
+        let used: Vec<(ChainWrites, u32)> = done
             .into_iter()
-            .map(|(head, status, result)| {
+            .map(|(chain, status, result)| {
                 let (status_byte, written) = match result {
                     Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
                     Err(e) => {
@@ -310,7 +313,8 @@ impl ActiveQueue {
                         (e.status(), 0)
                     }
                 };
-                let used = match status.map(|addr| self.mem.write_obj(status_byte, addr)) {
+                let dst = self.writer.chain(&chain);
+                let used = match status.map(|addr| dst.write_obj(status_byte, addr)) {
                     Some(Ok(())) => written + 1,
                     Some(Err(e)) => {
                         warn!("{name}: cannot write the request status: {e}");
@@ -318,13 +322,14 @@ impl ActiveQueue {
                     }
                     None => written,
                 };
-                (head, used)
+                (chain, used)
             })
             .collect();
         let notify = {
             let mut queue = self.lock();
-            for &(head, len) in &used {
-                if let Err(e) = queue.add_used(&self.mem, head, len) {
+            for (chain, len) in used {
+                let head = chain.head();
+                if let Err(e) = self.writer.add_used(&mut queue, chain, len) {
                     error!("{name}: cannot complete request {head}: {e}");
                 }
             }
@@ -340,13 +345,13 @@ impl ActiveQueue {
 struct Job {
     queue: Arc<ActiveQueue>,
     op: DiskOp,
-    /// Head index, status address and bytes to return to the guest, per request.
-    requests: Vec<(u16, GuestAddress, u32)>,
+    /// The chain, status address and bytes to return to the guest, per request.
+    requests: Vec<(ChainWrites, GuestAddress, u32)>,
 }
 
 impl Job {
-    fn new(queue: &Arc<ActiveQueue>, head: u16, status: GuestAddress, op: DiskOp) -> Self {
-        let requests = vec![(head, status, op.bytes_to_guest())];
+    fn new(queue: &Arc<ActiveQueue>, chain: ChainWrites, status: GuestAddress, op: DiskOp) -> Self {
+        let requests = vec![(chain, status, op.bytes_to_guest())];
         Self {
             queue: queue.clone(),
             op,
@@ -373,7 +378,7 @@ impl Job {
             {
                 bufs.extend_from_slice(next_bufs);
                 *len += next_len;
-                self.requests.extend_from_slice(&next.requests);
+                self.requests.extend(next.requests);
                 Ok(())
             }
             _ => Err(next),
@@ -382,11 +387,12 @@ impl Job {
 
     /// Does the I/O and completes every request of the job.
     fn run(self, name: &str, backend: &mut dyn BlockBackend) {
-        let result = self.op.run(backend, &self.queue.mem, &self.queue.metrics);
-        let done = self
-            .requests
-            .iter()
-            .map(|&(head, status, written)| (head, Some(status), result.clone().map(|()| written)));
+        // A read is never merged: its data goes into the buffers of its one chain.
+        let dst = self.queue.writer.chain(&self.requests[0].0);
+        let result = self.op.run(backend, &dst, &self.queue.metrics);
+        let done = self.requests.into_iter().map(|(chain, status, written)| {
+            (chain, Some(status), result.clone().map(|()| written))
+        });
         self.queue.complete_all(name, done);
     }
 }
@@ -598,7 +604,7 @@ impl VirtioBlock {
         };
         let mut empty_rounds = 0;
         loop {
-            if let Err(e) = active.lock().disable_notification(&active.mem) {
+            if let Err(e) = active.writer.disable_notification(&mut active.lock()) {
                 warn!("{}: cannot disable notifications: {e}", self.name);
             }
             // The last job is held back until the next chain shows whether it continues it.
@@ -630,7 +636,7 @@ impl VirtioBlock {
             // Found by fuzzing: a bogus available index used to spin the event loop here.
             let more = rearm_notification(
                 &mut active.lock(),
-                &active.mem,
+                &active.writer,
                 popped,
                 &mut empty_rounds,
                 &self.name,
@@ -652,30 +658,31 @@ impl VirtioBlock {
         let descs = match read_chain(chain, QUEUE_SIZE) {
             Ok(d) => d,
             Err(e) => {
-                active.complete(&self.name, head, None, Err(e.into()));
+                active.complete(&self.name, ChainWrites::unread(head), None, Err(e.into()));
                 return None;
             }
         };
+        let writes = ChainWrites::new(head, &descs);
         let (req, status) = match parse(&descs, &active.mem) {
             Ok(parsed) => parsed,
             Err((e, status)) => {
-                active.complete(&self.name, head, status, Err(e));
+                active.complete(&self.name, writes, status, Err(e));
                 return None;
             }
         };
         let result = match req.into_op(self.readonly, self.size) {
             Ok(Op::Disk(op)) => match check_buffers(&op, &active.mem) {
                 // Checked here so that a bad buffer fails its own request only, even merged.
-                Ok(()) => return Some(Job::new(active, head, status, op)),
+                Ok(()) => return Some(Job::new(active, writes, status, op)),
                 Err(e) => Err(e),
             },
             // Every buffer, not only the 20 bytes the id fills: a buffer outside guest memory
             // fails any request (found by fuzzing: GET_ID let one pass).
             Ok(Op::GetId(bufs)) => check_bufs(&bufs, &active.mem)
-                .and_then(|()| write_id(&self.device_id, &bufs, &active.mem)),
+                .and_then(|()| write_id(&self.device_id, &bufs, &active.writer.chain(&writes))),
             Err(e) => Err(e),
         };
-        active.complete(&self.name, head, Some(status), result);
+        active.complete(&self.name, writes, Some(status), result);
         None
     }
 }
@@ -740,6 +747,7 @@ impl VirtioDevice for VirtioBlock {
         let DeviceState {
             mem,
             mut queues,
+            mut writers,
             interrupt,
             ..
         } = DeviceState::from_activation(activation, 1)?;
@@ -747,6 +755,7 @@ impl VirtioDevice for VirtioBlock {
         self.active = Some(Arc::new(ActiveQueue {
             mem,
             queue: Mutex::new(queues.remove(0)),
+            writer: writers.remove(0),
             interrupt,
             metrics,
         }));
@@ -759,6 +768,16 @@ impl VirtioDevice for VirtioBlock {
     fn reset(&mut self) {
         self.pool.drain();
         self.active = None;
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.active.as_ref().map(|a| vec![a.lock().state()])
+    }
+
+    /// Waits for every request handed to the I/O threads: they are completed on the used
+    /// ring (and flushes reached fdatasync) before the state is taken.
+    fn quiesce(&mut self) {
+        self.pool.drain();
     }
 }
 
@@ -918,14 +937,14 @@ mod tests {
         }
         fn read_to(
             &mut self,
-            mem: &GuestMemoryMmap,
+            dst: &ChainWriter,
             addr: GuestAddress,
             offset: u64,
             len: usize,
         ) -> io::Result<()> {
             self.pass_gate();
             let d = self.data.lock().unwrap();
-            mem.write_slice(&d[offset as usize..offset as usize + len], addr)
+            dst.write_slice(&d[offset as usize..offset as usize + len], addr)
                 .map_err(guest_io_error)
         }
         fn write_from(
@@ -961,12 +980,12 @@ mod tests {
         }
         fn read_vectored_to(
             &mut self,
-            mem: &GuestMemoryMmap,
+            dst: &ChainWriter,
             bufs: &[GuestBuf],
             offset: u64,
         ) -> io::Result<()> {
             self.record(false, offset, bufs);
-            each_buf(bufs, offset, |b, at| self.read_to(mem, b.addr, at, b.len))
+            each_buf(bufs, offset, |b, at| self.read_to(dst, b.addr, at, b.len))
         }
         fn write_vectored_from(
             &mut self,

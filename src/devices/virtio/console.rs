@@ -20,6 +20,7 @@ use super::device::{
     read_chain, rearm_notification, take_notifications, ActivateError, Activation, DeviceState,
     VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use super::guest_write::{ChainWriter, ChainWrites};
 use crate::devices::host_input::HostInput;
 use crate::devices::metrics::DeviceMetrics;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -84,7 +85,7 @@ impl VirtioConsole {
         let mut buf = Vec::new();
         let mut empty_rounds = 0;
         loop {
-            if let Err(e) = state.queues[TX].disable_notification(&state.mem) {
+            if let Err(e) = state.writers[TX].disable_notification(&mut state.queues[TX]) {
                 warn!("virtio-console: cannot disable tx notifications: {e}");
             }
             let mut popped = 0;
@@ -111,14 +112,14 @@ impl VirtioConsole {
                     }
                     Err(e) => warn!("virtio-console: bad transmit chain: {e}"),
                 }
-                if let Err(e) = state.queues[TX].add_used(&state.mem, head, 0) {
+                if let Err(e) = state.writers[TX].add_used_empty(&mut state.queues[TX], head) {
                     error!("virtio-console: cannot complete a transmit chain: {e}");
                 }
             }
             // Found by fuzzing: a bogus available index used to spin the event loop here.
             if !rearm_notification(
                 &mut state.queues[TX],
-                &state.mem,
+                &state.writers[TX],
                 popped,
                 &mut empty_rounds,
                 "virtio-console",
@@ -154,7 +155,7 @@ impl VirtioConsole {
                     warn!(
                         "virtio-console: bad receive chain (looping, too long or device-readable)"
                     );
-                    if let Err(e) = state.queues[RX].add_used(&state.mem, head, 0) {
+                    if let Err(e) = state.writers[RX].add_used_empty(&mut state.queues[RX], head) {
                         error!("virtio-console: cannot complete a receive buffer: {e}");
                     }
                 }
@@ -188,9 +189,11 @@ impl VirtioConsole {
             // Nothing to give: the buffer goes back to the ring, unused.
             state.queues[RX].go_to_previous_position();
         } else {
-            let written = scatter(&descs, &state.mem, &buf[..n]);
+            let chain = ChainWrites::new(head, &descs);
+            let written = scatter(&descs, &state.writers[RX].chain(&chain), &buf[..n]);
             self.metrics.add_bytes_to_guest(written as u64);
-            if let Err(e) = state.queues[RX].add_used(&state.mem, head, written as u32) {
+            if let Err(e) = state.writers[RX].add_used(&mut state.queues[RX], chain, written as u32)
+            {
                 error!("virtio-console: cannot complete a receive buffer: {e}");
             }
         }
@@ -215,7 +218,11 @@ impl VirtioConsole {
 }
 
 /// Copies the device-readable buffers of a chain; device-writable ones are an error.
-fn gather(descs: &[Descriptor], mem: &GuestMemoryMmap, out: &mut Vec<u8>) -> Result<(), String> {
+pub(crate) fn gather(
+    descs: &[Descriptor],
+    mem: &GuestMemoryMmap,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
     let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
     if total > TX_CHAIN_MAX {
         return Err(format!("{total} bytes in one chain"));
@@ -233,14 +240,14 @@ fn gather(descs: &[Descriptor], mem: &GuestMemoryMmap, out: &mut Vec<u8>) -> Res
 }
 
 /// Copies `data` into a chain's buffers; returns how many bytes landed.
-fn scatter(descs: &[Descriptor], mem: &GuestMemoryMmap, mut data: &[u8]) -> usize {
+pub(crate) fn scatter(descs: &[Descriptor], dst: &ChainWriter, mut data: &[u8]) -> usize {
     let mut written = 0;
     for d in descs {
         if data.is_empty() {
             break;
         }
         let n = (d.len() as usize).min(data.len());
-        if let Err(e) = mem.write_slice(&data[..n], d.addr()) {
+        if let Err(e) = dst.write_slice(&data[..n], d.addr()) {
             warn!("virtio-console: receive buffer outside guest memory: {e}");
             break;
         }
@@ -281,6 +288,12 @@ impl VirtioDevice for VirtioConsole {
 
     fn reset(&mut self) {
         self.state = None;
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.state
+            .as_ref()
+            .map(|st| st.queues.iter().map(|q| q.state()).collect())
     }
 }
 

@@ -11,6 +11,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::guest_write::GuestWriter;
 use crate::devices::metrics::DeviceMetrics;
 use crate::devices::pci::msix::MsixTable;
 use crate::vstate::memory::GuestMemoryMmap;
@@ -64,6 +65,16 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Returns to the state before activation (the driver wrote 0 to Status).
     fn reset(&mut self);
+    /// The live state of the queues while activated: where the device got to in each ring
+    /// (for snapshots; the transport's copies only hold what the driver configured).
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>>;
+    /// Finishes the requests the device has in flight (handed to I/O threads) before a
+    /// snapshot; the default has none.
+    fn quiesce(&mut self) {}
+    /// Why the device's state cannot go into a snapshot or a migration, when it cannot.
+    fn persist_refusal(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Everything a device receives when the driver sets DRIVER_OK.
@@ -234,6 +245,36 @@ impl VirtioInterrupt {
         }
     }
 
+    /// The MSI-X vectors assigned: configuration change, then each queue (virtio-pci).
+    pub fn vectors(&self) -> Option<(u16, Vec<u16>)> {
+        self.msix.as_ref().map(|m| {
+            (
+                m.config.load(Ordering::SeqCst),
+                m.queues.iter().map(|q| q.load(Ordering::SeqCst)).collect(),
+            )
+        })
+    }
+
+    /// Puts back the vectors `vectors` returned.
+    pub fn restore_vectors(&self, config: u16, queues: &[u16]) -> Result<(), String> {
+        let m = self
+            .msix
+            .as_ref()
+            .ok_or("the snapshot has MSI-X vectors for a device without MSI-X")?;
+        if queues.len() != m.queues.len() {
+            return Err(format!(
+                "the snapshot has vectors for {} queues, the device has {}",
+                queues.len(),
+                m.queues.len()
+            ));
+        }
+        m.config.store(config, Ordering::SeqCst);
+        for (q, &v) in m.queues.iter().zip(queues) {
+            q.store(v, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
@@ -242,6 +283,11 @@ impl VirtioInterrupt {
     /// A read of virtio-pci's ISR status: the bits, cleared by the read (4.1.4.5.1).
     pub fn take_status(&self) -> u32 {
         self.status.swap(0, Ordering::SeqCst)
+    }
+
+    /// Sets status bits without raising the line (a restored snapshot's pending bits).
+    pub fn set_status_bits(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
     }
 
     /// A write to InterruptACK clears the given bits.
@@ -302,6 +348,8 @@ where
 pub struct DeviceState {
     pub mem: GuestMemoryMmap,
     pub queues: Vec<Queue>,
+    /// The only way to write guest memory for each queue (see `guest_write`).
+    pub writers: Vec<GuestWriter>,
     pub interrupt: Arc<VirtioInterrupt>,
     pub acked_features: u64,
 }
@@ -315,7 +363,12 @@ impl DeviceState {
                 got: a.queues.len(),
             });
         }
+        let name = match a.interrupt.metrics().name.as_str() {
+            "" => "virtio device",
+            name => name,
+        };
         Ok(Self {
+            writers: GuestWriter::for_queues(&a.mem, name, &a.queues),
             mem: a.mem,
             queues: a.queues,
             interrupt: a.interrupt,
@@ -340,14 +393,14 @@ impl DeviceState {
 /// with a warning.
 pub fn rearm_notification(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    writer: &GuestWriter,
     popped: usize,
     empty_rounds: &mut u32,
     name: &str,
 ) -> bool {
     /// Empty drains in a row that are still taken for a race with the driver.
     const RACE_ROUNDS: u32 = 3;
-    match queue.enable_notification(mem) {
+    match writer.enable_notification(queue) {
         Ok(true) if popped > 0 => {
             *empty_rounds = 0;
             true

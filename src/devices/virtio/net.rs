@@ -36,6 +36,7 @@ use super::device::{
     read_chain, rearm_notification, take_notifications, ActivateError, Activation, ChainError,
     DeviceState, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use super::guest_write::ChainWrites;
 use crate::config::{MacAddr, NetConfig};
 use crate::devices::metrics::DeviceMetrics;
 use crate::devices::tap::{Tap, TapError};
@@ -183,24 +184,27 @@ enum ChainFault {
 /// A receive buffer taken from the queue but not filled yet.
 #[derive(Debug)]
 struct RxBuffer {
-    head: u16,
+    /// The chain, and what it lets the device write.
+    chain: ChainWrites,
     /// (address, length) of each descriptor, all checked to lie in guest memory.
     parts: Vec<(GuestAddress, u32)>,
     capacity: u64,
 }
 
 /// Checks a chain's descriptors: all in the direction the queue needs, all in guest memory.
+/// Returns them, and what the chain lets the device write.
 fn check_parts<M>(
     chain: virtio_queue::DescriptorChain<M>,
     mem: &GuestMemoryMmap,
     writable: bool,
-) -> Result<Vec<(GuestAddress, u32)>, ChainFault>
+) -> Result<(Vec<(GuestAddress, u32)>, ChainWrites), ChainFault>
 where
     M: std::ops::Deref,
     M::Target: GuestMemory,
 {
+    let head = chain.head_index();
     let descs = read_chain(chain, QUEUE_SIZE)?;
-    descs
+    let parts = descs
         .iter()
         .map(|d| {
             if d.is_write_only() != writable {
@@ -218,47 +222,13 @@ where
             }
             Ok((d.addr(), d.len()))
         })
-        .collect()
-}
-
-/// Completes the buffers of one frame, making them visible to the driver together: a driver
-/// polling the used ring (Linux NAPI) that saw the first buffer of a frame before the others
-/// would count those as missing and drop the frame (5.1.6.4.2, `num_buffers`). virtio-queue
-/// publishes the used index on every `add_used`, so all but the last entry are written here
-/// first, and the last `add_used` publishes them all (its index store has Release ordering).
-fn add_used_together(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    entries: &[(u16, u32)],
-) -> Result<(), virtio_queue::Error> {
-    let Some((&(last_head, last_len), rest)) = entries.split_last() else {
-        return Ok(());
-    };
-    let size = queue.size();
-    if entries.iter().any(|&(head, _)| head >= size) {
-        return Err(virtio_queue::Error::InvalidDescriptorIndex);
-    }
-    let next = queue.next_used();
-    for (i, &(head, len)) in rest.iter().enumerate() {
-        // struct virtq_used_elem { le32 id; le32 len; } after the 4-byte flags and idx
-        // (virtio 1.x, 2.7.8).
-        let slot = u64::from(next.wrapping_add(i as u16) % size);
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        let addr = GuestAddress(queue.used_ring())
-            .checked_add(4 + 8 * slot)
-            .ok_or(virtio_queue::Error::AddressOverflow)?;
-        mem.write_slice(&elem, addr)
-            .map_err(virtio_queue::Error::GuestMemory)?;
-    }
-    queue.set_next_used(next.wrapping_add(rest.len() as u16));
-    queue.add_used(mem, last_head, last_len)
+        .collect::<Result<_, _>>()?;
+    Ok((parts, ChainWrites::new(head, &descs)))
 }
 
 /// Whether the driver wants an interrupt for the receive entries added since the used index
 /// was `before`. virtio-queue's own check counts one entry per `add_used`, which undercounts
-/// frames completed by `add_used_together`; with VIRTIO_RING_F_EVENT_IDX the test is the
+/// frames completed by `GuestWriter::add_used_together`; with VIRTIO_RING_F_EVENT_IDX the test is the
 /// driver's `used_event` against the whole range (virtio 1.x, 2.7.10).
 fn rx_needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap, before: u16) -> bool {
     // Also resets virtio-queue's count, and fences the used ring writes before the read.
@@ -361,7 +331,7 @@ impl VirtioNet {
         let mut completed = 0u32;
         let mut empty_rounds = 0;
         loop {
-            if let Err(e) = state.queues[TX].disable_notification(&state.mem) {
+            if let Err(e) = state.writers[TX].disable_notification(&mut state.queues[TX]) {
                 warn!("{}: cannot disable transmit notifications: {e}", self.name);
             }
             let mut popped = 0;
@@ -370,14 +340,14 @@ impl VirtioNet {
                 let head = chain.head_index();
                 self.transmit(chain, &state.mem);
                 // The device writes nothing into transmit buffers (5.1.6.2).
-                if let Err(e) = state.queues[TX].add_used(&state.mem, head, 0) {
+                if let Err(e) = state.writers[TX].add_used_empty(&mut state.queues[TX], head) {
                     error!("{}: cannot complete transmit chain {head}: {e}", self.name);
                 }
                 completed += 1;
             }
             if !rearm_notification(
                 &mut state.queues[TX],
-                &state.mem,
+                &state.writers[TX],
                 popped,
                 &mut empty_rounds,
                 &self.name,
@@ -434,7 +404,7 @@ impl VirtioNet {
         M: std::ops::Deref,
         M::Target: GuestMemory,
     {
-        let parts = check_parts(chain, mem, false)?;
+        let (parts, _) = check_parts(chain, mem, false)?;
         let total: u64 = parts.iter().map(|&(_, len)| u64::from(len)).sum();
         if total < VNET_HDR_LEN as u64 {
             return Err(ChainFault::TooShort(total));
@@ -463,7 +433,7 @@ impl VirtioNet {
             return false;
         };
         // Notifications are only wanted when out of buffers (re-enabled below then).
-        if let Err(e) = state.queues[RX].disable_notification(&state.mem) {
+        if let Err(e) = state.writers[RX].disable_notification(&mut state.queues[RX]) {
             warn!("{}: cannot disable receive notifications: {e}", self.name);
         }
         let mut completed = 0u32;
@@ -543,22 +513,25 @@ impl VirtioNet {
                 Some(chain) => {
                     let head = chain.head_index();
                     let parts =
-                        check_parts(chain, &state.mem, true).and_then(|parts| {
-                            match parts.iter().map(|&(_, l)| u64::from(l)).sum::<u64>() {
-                                0 => Err(ChainFault::Empty),
-                                capacity => Ok(RxBuffer {
-                                    head,
-                                    parts,
-                                    capacity,
-                                }),
-                            }
+                        check_parts(chain, &state.mem, true).and_then(|(parts, chain)| match parts
+                            .iter()
+                            .map(|&(_, l)| u64::from(l))
+                            .sum::<u64>()
+                        {
+                            0 => Err(ChainFault::Empty),
+                            capacity => Ok(RxBuffer {
+                                chain,
+                                parts,
+                                capacity,
+                            }),
                         });
                     match parts {
                         Ok(buf) => self.rx_held.push(buf),
                         Err(e) => {
                             self.stats.bad_chains += 1;
                             warn!("{}: receive buffer refused: {e}", self.name);
-                            if let Err(e) = state.queues[RX].add_used(&state.mem, head, 0) {
+                            let (queue, writer) = (&mut state.queues[RX], &state.writers[RX]);
+                            if let Err(e) = writer.add_used_empty(queue, head) {
                                 error!("{}: cannot complete receive chain {head}: {e}", self.name);
                             }
                             *completed += 1;
@@ -568,7 +541,7 @@ impl VirtioNet {
                 None => {
                     // Out of buffers: ask for a notification when the guest adds some, then
                     // look once more in case it did in between.
-                    match state.queues[RX].enable_notification(&state.mem) {
+                    match state.writers[RX].enable_notification(&mut state.queues[RX]) {
                         Ok(true) if !retried => retried = true,
                         Ok(_) => return Delivery::NoBuffers,
                         Err(e) => {
@@ -581,7 +554,7 @@ impl VirtioNet {
         }
         if retried {
             // Buffers came after all; notifications are not needed while they last.
-            let _ = state.queues[RX].disable_notification(&state.mem);
+            let _ = state.writers[RX].disable_notification(&mut state.queues[RX]);
         }
 
         // How many buffers the frame takes.
@@ -609,22 +582,24 @@ impl VirtioNet {
         let mut used = Vec::with_capacity(count);
         for buf in self.rx_held.drain(..count) {
             let start = off;
+            let dst = state.writers[RX].chain(&buf.chain);
             for &(addr, part_len) in &buf.parts {
                 let n = (part_len as usize).min(len - off);
                 if n == 0 {
                     break;
                 }
-                if let Err(e) = state.mem.write_slice(&self.rx_frame[off..off + n], addr) {
+                if let Err(e) = dst.write_slice(&self.rx_frame[off..off + n], addr) {
                     // Checked at pop time; guest memory does not shrink.
                     error!("{}: cannot write a receive buffer: {e}", self.name);
                 }
                 off += n;
             }
-            used.push((buf.head, (off - start) as u32));
+            used.push((buf.chain, (off - start) as u32));
         }
-        if let Err(e) = add_used_together(&mut state.queues[RX], &state.mem, &used) {
+        let heads: Vec<u16> = used.iter().map(|(c, _)| c.head()).collect();
+        if let Err(e) = state.writers[RX].add_used_together(&mut state.queues[RX], used) {
             error!(
-                "{}: cannot complete receive buffers {used:?}: {e}",
+                "{}: cannot complete receive buffers {heads:?}: {e}",
                 self.name
             );
         }
@@ -718,6 +693,12 @@ impl VirtioDevice for VirtioNet {
             self.stats.rx_dropped += 1;
         }
         debug!("{}: reset; {:?}", self.name, self.stats);
+    }
+
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.state
+            .as_ref()
+            .map(|st| st.queues.iter().map(|q| q.state()).collect())
     }
 }
 
@@ -1110,24 +1091,6 @@ mod tests {
             assert_eq!(h.used_idx(RX), 3);
             assert_eq!(h.irq.read().is_ok(), want_irq, "used_event {used_event}");
         }
-    }
-
-    #[test]
-    fn buffers_of_a_frame_are_completed_in_order_across_the_ring_end() {
-        let mem = guest_memory();
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 4);
-        let mut q: Queue = vq.create_queue().unwrap();
-        q.set_next_used(2);
-        add_used_together(&mut q, &mem, &[(3, 100), (0, 200), (1, 50)]).unwrap();
-        assert_eq!(vq.used().idx().load(), 5);
-        let elem = |i: usize| {
-            let e = vq.used().ring().ref_at(i).unwrap().load();
-            (e.id(), e.len())
-        };
-        assert_eq!([elem(2), elem(3), elem(0)], [(3, 100), (0, 200), (1, 50)]);
-        // A bad head (never one popped from the queue) changes nothing.
-        assert!(add_used_together(&mut q, &mem, &[(0, 1), (4, 1)]).is_err());
-        assert_eq!((q.next_used(), vq.used().idx().load()), (5, 5));
     }
 
     #[test]

@@ -42,6 +42,7 @@ use super::nic_tap::{FrameSink, RxOutcome, TapReceiver, VnetHdr};
 use super::Signal;
 use crate::devices::metrics::DeviceMetrics;
 use crate::devices::pci::{PciConfig, PciDevice};
+use crate::devices::virtio::guest_write::GuestWriter;
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub use self::regs::{io_register_name, register_name, IO_SIZE, MMIO_SIZE};
@@ -125,6 +126,8 @@ pub struct E1000 {
     /// The received frame as it goes to guest memory (reused).
     rx_buf: Vec<u8>,
     mem: GuestMemoryMmap,
+    /// The one way the NIC writes guest memory (see `devices::virtio::guest_write`).
+    writer: GuestWriter,
     irq: Box<dyn Signal>,
     rx_space: Box<dyn Signal>,
     sink: Box<dyn FrameSink>,
@@ -191,6 +194,7 @@ impl E1000 {
             tx: tx::TxState::default(),
             rx_blocked: false,
             rx_buf: Vec::new(),
+            writer: GuestWriter::bus_master(mem.clone(), "e1000"),
             mem,
             irq,
             rx_space,
@@ -206,6 +210,7 @@ impl E1000 {
 
     /// Counts interrupts and traffic into `metrics` as well.
     pub fn with_metrics(mut self, metrics: Arc<DeviceMetrics>) -> Self {
+        self.writer = GuestWriter::bus_master(self.mem.clone(), &metrics.name);
         self.metrics = metrics;
         self
     }

@@ -13,6 +13,7 @@ use super::offload::{self, fold, sum};
 use super::*;
 use crate::devices::emulated::dma;
 use crate::devices::emulated::nic_tap::VNET_F_NEEDS_CSUM;
+use crate::devices::virtio::guest_write::ChainWrites;
 
 /// Bytes of a descriptor (both rings).
 pub(super) const DESC_LEN: u64 = 16;
@@ -67,6 +68,11 @@ impl Ring {
                 "e1000: {which} ring at {base:#x}+{len:#x} (head {head}, tail {tail}) is not usable; {consequence}"
             );
         }
+    }
+
+    /// Bytes of the ring.
+    pub fn len(&self) -> u64 {
+        DESC_LEN * u64::from(self.count)
     }
 
     /// The address of descriptor `i`.
@@ -255,22 +261,30 @@ impl E1000 {
             return RxOutcome::NoSpace;
         }
 
+        // What this frame may write: the buffers its descriptors give (BSIZE bytes each)
+        // and the ring, for the write-backs.
+        let mut bufs = Vec::with_capacity(needed as usize);
+        for i in 0..needed {
+            let mut d = [0u8; 8];
+            let desc = ring.desc((self.rdh + i) % ring.count);
+            bufs.push(dma::read(&self.mem, desc, &mut d).then(|| u64::from_le_bytes(d)));
+        }
+        let mut allowed: Vec<(u64, u64)> = bufs
+            .iter()
+            .flatten()
+            .map(|&a| (a, bufsize as u64))
+            .collect();
+        allowed.push((ring.base, ring.len()));
+        let allowed = ChainWrites::buffers(&allowed);
+        let w = self.writer.chain(&allowed);
         // The buffers first, then the descriptors, each written back length first and
         // status last, so the driver never sees DD on a descriptor still being written.
-        let mut failed = false;
-        let mut chunk_ok = Vec::with_capacity(needed as usize);
-        for (i, chunk) in data.chunks(bufsize).enumerate() {
-            let desc = ring.desc((self.rdh + i as u32) % ring.count);
-            let mut d = [0u8; 8];
-            let ok = dma::read(&self.mem, desc, &mut d)
-                && dma::write(&self.mem, u64::from_le_bytes(d), chunk);
-            failed |= !ok;
-            chunk_ok.push(ok);
-        }
-        if failed && !self.warned.rx_buffer {
-            self.warned.rx_buffer = true;
-            warn!("e1000: a receive buffer is outside guest memory; its frame is dropped with RXE");
-        }
+        let chunk_ok: Vec<bool> = data
+            .chunks(bufsize)
+            .zip(&bufs)
+            .map(|(chunk, buf)| buf.is_some_and(|a| dma::write(&w, a, chunk)))
+            .collect();
+        let failed = chunk_ok.contains(&false);
         for (i, chunk) in data.chunks(bufsize).enumerate() {
             let desc = ring.desc((self.rdh + i as u32) % ring.count);
             let eop = i as u32 == needed - 1;
@@ -288,8 +302,12 @@ impl E1000 {
                 hi[2..].copy_from_slice(&special.to_le_bytes());
             }
             // The ring was checked to lie in guest memory: these writes land inside it.
-            dma::write(&self.mem, desc + 8, &lo);
-            dma::write(&self.mem, desc + 12, &hi);
+            dma::write(&w, desc + 8, &lo);
+            dma::write(&w, desc + 12, &hi);
+        }
+        if failed && !self.warned.rx_buffer {
+            self.warned.rx_buffer = true;
+            warn!("e1000: a receive buffer is outside guest memory; its frame is dropped with RXE");
         }
         self.rdh = (self.rdh + needed) % ring.count;
 

@@ -17,6 +17,7 @@ use super::offload::{self, Segmented, TxContext, TUCMD_TSE};
 use super::rx::Ring;
 use super::*;
 use crate::devices::emulated::dma;
+use crate::devices::virtio::guest_write::ChainWrites;
 
 /// Longest packet: a TSO frame of 64 KiB payload after up to 255 bytes of headers.
 pub(super) const MAX_PACKET: usize = 0x1_0000 + 0x100;
@@ -98,7 +99,7 @@ impl E1000 {
             if !dma::read(&self.mem, addr, &mut d) {
                 break;
             }
-            causes |= self.tx_descriptor(&d, addr);
+            causes |= self.tx_descriptor(&d, addr, &ring);
             self.tdh = (self.tdh + 1) % ring.count;
         }
         // The queue is empty once the head caught up with the tail.
@@ -107,7 +108,7 @@ impl E1000 {
     }
 
     /// One descriptor at `addr`; returns the interrupt causes it raises now.
-    fn tx_descriptor(&mut self, d: &[u8; 16], addr: u64) -> u32 {
+    fn tx_descriptor(&mut self, d: &[u8; 16], addr: u64, ring: &Ring) -> u32 {
         let cmd = d[11];
         let dtyp = d[10] >> 4;
         if cmd & CMD_DEXT != 0 && dtyp == DTYP_CONTEXT {
@@ -117,7 +118,7 @@ impl E1000 {
             } else {
                 self.tx.csum = ctx;
             }
-            return self.tx_write_back(d, addr, cmd);
+            return self.tx_write_back(d, addr, cmd, ring);
         }
         let (buf, len, special) = match (cmd & CMD_DEXT != 0, dtyp) {
             // Legacy: length in bytes 8-9.
@@ -134,7 +135,7 @@ impl E1000 {
             ),
             (true, other) => {
                 debug!("e1000: transmit descriptor type {other} skipped");
-                return self.tx_write_back(d, addr, cmd);
+                return self.tx_write_back(d, addr, cmd, ring);
             }
         };
         let p = &mut self.tx.packet;
@@ -166,17 +167,22 @@ impl E1000 {
             let vlan = (cmd & CMD_VLE != 0 && self.ctrl & CTRL_VME != 0).then_some(special);
             self.send_packet(legacy_csum, vlan);
         }
-        self.tx_write_back(d, addr, cmd)
+        self.tx_write_back(d, addr, cmd, ring)
     }
 
     /// Reports a descriptor done (DD) if the driver asked (RS); returns TXDW when it is due
     /// now rather than after TIDV.
-    fn tx_write_back(&mut self, d: &[u8; 16], addr: u64, cmd: u8) -> u32 {
+    fn tx_write_back(&mut self, d: &[u8; 16], addr: u64, cmd: u8, ring: &Ring) -> u32 {
         if cmd & CMD_RS == 0 {
             return 0;
         }
         // The status byte of this descriptor, which lies in the ring (checked).
-        dma::write(&self.mem, addr + 12, &[(d[12] & 0xf0) | STA_DD]);
+        let allowed = ChainWrites::buffers(&[(ring.base, ring.len())]);
+        dma::write(
+            &self.writer.chain(&allowed),
+            addr + 12,
+            &[(d[12] & 0xf0) | STA_DD],
+        );
         let now = self.timer.now();
         if self
             .moderation

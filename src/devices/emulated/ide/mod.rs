@@ -31,6 +31,7 @@ use super::{dma, Signal};
 use crate::devices::bus::BusDevice;
 use crate::devices::disk::SECTOR_SIZE;
 use crate::devices::metrics::DeviceMetrics;
+use crate::devices::virtio::guest_write::{ChainWrites, GuestWriter};
 use crate::vstate::memory::GuestMemoryMmap;
 
 pub use self::bmdma::{register_name as bm_register_name, CHANNEL_REGS as BM_CHANNEL_REGS};
@@ -144,6 +145,13 @@ pub struct DmaContext {
     pub bus_master: Arc<AtomicBool>,
 }
 
+/// A channel's DMA: its context and its one way of writing guest memory.
+struct Dma {
+    mem: GuestMemoryMmap,
+    bus_master: Arc<AtomicBool>,
+    writer: GuestWriter,
+}
+
 /// Statistics a channel keeps for the VMM's accounting.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct IdeCounters {
@@ -177,7 +185,7 @@ pub struct IdeChannel {
     pos: usize,
     /// The channel's bus master registers (in the PIIX function's BAR4).
     bm: BusMaster,
-    dma: Option<DmaContext>,
+    dma: Option<Dma>,
     pub counters: IdeCounters,
     metrics: Arc<DeviceMetrics>,
 }
@@ -220,9 +228,19 @@ impl IdeChannel {
         ch
     }
 
-    /// Lets the channel's bus master reach guest memory.
+    /// Lets the channel's bus master reach guest memory (after `with_metrics`: the writer
+    /// is named after the channel).
     pub fn with_dma(mut self, ctx: DmaContext) -> Self {
-        self.dma = Some(ctx);
+        let name = if self.metrics.name.is_empty() {
+            "ide"
+        } else {
+            &self.metrics.name
+        };
+        self.dma = Some(Dma {
+            writer: GuestWriter::bus_master(ctx.mem.clone(), name),
+            mem: ctx.mem,
+            bus_master: ctx.bus_master,
+        });
         self
     }
 
@@ -682,6 +700,9 @@ impl IdeChannel {
             }
         };
         let sectors = (prd.covered / SECTOR_SIZE).min(left);
+        // What the transfer may write: the regions of the PRD table.
+        let allowed: Vec<(u64, u64)> = prd.bufs.iter().map(|b| (b.addr.0, b.len as u64)).collect();
+        let allowed = ChainWrites::buffers(&allowed);
         let mut bufs = prd.bufs;
         bmdma::truncate(&mut bufs, sectors * SECTOR_SIZE);
         let offset = lba * SECTOR_SIZE;
@@ -692,7 +713,7 @@ impl IdeChannel {
                 if write {
                     dma::guest_to_disk(disk, &ctx.mem, &bufs, offset)
                 } else {
-                    dma::disk_to_guest(disk, &ctx.mem, &bufs, offset)
+                    dma::disk_to_guest(disk, &ctx.writer.chain(&allowed), &bufs, offset)
                 }
             }
             Some(_) => Ok(()),
@@ -1024,14 +1045,14 @@ pub(crate) mod tests {
         }
         fn read_to(
             &mut self,
-            mem: &GuestMemoryMmap,
+            dst: &crate::devices::virtio::guest_write::ChainWriter,
             addr: vm_memory::GuestAddress,
             offset: u64,
             len: usize,
         ) -> io::Result<()> {
             let mut buf = vec![0u8; len];
             self.read_at(offset, &mut buf)?;
-            mem.write_slice(&buf, addr).map_err(io::Error::other)
+            dst.write_slice(&buf, addr).map_err(io::Error::other)
         }
         fn write_from(
             &mut self,

@@ -159,6 +159,20 @@ impl MmioTransport {
     }
 }
 
+impl crate::devices::Persist for MmioTransport {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        crate::devices::to_state(&self.common.save())
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        self.common.restore(&crate::devices::from_state(v)?)
+    }
+
+    fn kick(&mut self) {
+        self.common.kick();
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE {
@@ -256,6 +270,9 @@ pub(crate) mod tests {
         fn reset(&mut self) {
             self.activated = None;
             self.resets += 1;
+        }
+        fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+            None
         }
     }
 

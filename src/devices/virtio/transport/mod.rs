@@ -10,7 +10,8 @@ pub mod pci;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::device::{
     Activation, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -36,6 +37,89 @@ pub enum QueueField {
     DriverHigh,
     DeviceLow,
     DeviceHigh,
+}
+
+/// The transport-independent state of a virtio device, for snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommonState {
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub status: u32,
+    pub config_generation: u32,
+    /// The queues as the driver configured them.
+    #[serde(with = "queue_states")]
+    pub queues: Vec<QueueState>,
+    /// Where the activated device got to in each ring.
+    #[serde(with = "opt_queue_states")]
+    pub live: Option<Vec<QueueState>>,
+    /// The interrupt status register (ISR) bits not yet acknowledged.
+    pub interrupt_status: u32,
+}
+
+/// `QueueState` as a tuple (virtio-queue gives it no serde).
+type QueueTuple = (u16, u16, u16, bool, u16, bool, u64, u64, u64);
+
+fn to_tuple(q: &QueueState) -> QueueTuple {
+    (
+        q.max_size,
+        q.next_avail,
+        q.next_used,
+        q.event_idx_enabled,
+        q.size,
+        q.ready,
+        q.desc_table,
+        q.avail_ring,
+        q.used_ring,
+    )
+}
+
+fn from_tuple(t: QueueTuple) -> QueueState {
+    QueueState {
+        max_size: t.0,
+        next_avail: t.1,
+        next_used: t.2,
+        event_idx_enabled: t.3,
+        size: t.4,
+        ready: t.5,
+        desc_table: t.6,
+        avail_ring: t.7,
+        used_ring: t.8,
+    }
+}
+
+mod queue_states {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(q: &[QueueState], s: S) -> Result<S::Ok, S::Error> {
+        q.iter().map(to_tuple).collect::<Vec<_>>().serialize(s)
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<QueueState>, D::Error> {
+        Ok(Vec::<QueueTuple>::deserialize(d)?
+            .into_iter()
+            .map(from_tuple)
+            .collect())
+    }
+}
+
+mod opt_queue_states {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(
+        q: &Option<Vec<QueueState>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        q.as_ref()
+            .map(|v| v.iter().map(to_tuple).collect::<Vec<_>>())
+            .serialize(s)
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<QueueState>>, D::Error> {
+        Ok(Option::<Vec<QueueTuple>>::deserialize(d)?
+            .map(|v| v.into_iter().map(from_tuple).collect()))
+    }
 }
 
 /// What both transports keep about a device: status, features and queues.
@@ -305,6 +389,75 @@ impl VirtioCommon {
         self.device()
             .activate(activation)
             .map_err(|e| e.to_string())
+    }
+
+    /// The state for a snapshot, after the device finished what it had in flight.
+    pub fn save(&self) -> CommonState {
+        let mut dev = self.device();
+        dev.quiesce();
+        CommonState {
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            queues: self.queues.iter().map(|q| q.state()).collect(),
+            live: dev.queue_states(),
+            interrupt_status: self.interrupt.status(),
+        }
+    }
+
+    /// Puts a snapshot's state back into a device built from the same configuration: the
+    /// registers, the queues, and, for a device the driver had set going, its activation
+    /// from where its rings were.
+    pub fn restore(&mut self, st: &CommonState) -> Result<(), String> {
+        let n = self.queues.len();
+        if st.queues.len() != n || st.live.as_ref().is_some_and(|l| l.len() != n) {
+            return Err(format!(
+                "the snapshot has {} queues for a device with {n}",
+                st.queues.len()
+            ));
+        }
+        let queue = |q: &QueueState| {
+            Queue::try_from(*q).map_err(|e| format!("a queue of the snapshot is invalid: {e:?}"))
+        };
+        self.queues = st.queues.iter().map(queue).collect::<Result<_, _>>()?;
+        self.device_features_sel = st.device_features_sel;
+        self.driver_features_sel = st.driver_features_sel;
+        self.acked_features = st.acked_features;
+        self.queue_sel = st.queue_sel;
+        self.status = st.status;
+        self.config_generation = st.config_generation;
+        self.interrupt.ack(u32::MAX);
+        if st.interrupt_status != 0 {
+            self.interrupt.set_status_bits(st.interrupt_status);
+        }
+        if let Some(live) = &st.live {
+            let activation = Activation {
+                mem: self.mem.clone(),
+                queues: live.iter().map(queue).collect::<Result<_, _>>()?,
+                interrupt: self.interrupt.clone(),
+                acked_features: self.acked_features,
+            };
+            self.device()
+                .activate(activation)
+                .map_err(|e| format!("the device does not take its restored queues: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// After a restore: every queue of an active device gets a notification and the driver
+    /// an interrupt, so nothing waits on one lost with the old process.
+    pub fn kick(&self) {
+        if self.status & STATUS_DRIVER_OK == 0 {
+            return;
+        }
+        let dev = self.device();
+        for (i, evt) in dev.queue_events().iter().enumerate() {
+            let _ = evt.write(1);
+            self.interrupt.signal_used_queue(i);
+        }
     }
 
     /// Back to the state before the driver found the device (status 0 written).

@@ -380,6 +380,48 @@ impl PciTransport {
     }
 }
 
+/// A virtio-pci function's state beyond its configuration space (which the bus carries).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PciSnapshot {
+    common: super::CommonState,
+    msix: crate::devices::pci::msix::MsixState,
+    config_vector: u16,
+    queue_vectors: Vec<u16>,
+}
+
+impl crate::devices::Persist for PciTransport {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        let (config_vector, queue_vectors) = self
+            .common
+            .interrupt
+            .vectors()
+            .ok_or("a virtio-pci device without MSI-X vectors")?;
+        crate::devices::to_state(&PciSnapshot {
+            common: self.common.save(),
+            msix: self.msix.save(),
+            config_vector,
+            queue_vectors,
+        })
+    }
+
+    /// The bus restored the configuration space first: the queue notifications follow the
+    /// BAR to where the snapshot has it.
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let st: PciSnapshot = crate::devices::from_state(v)?;
+        self.common
+            .interrupt
+            .restore_vectors(st.config_vector, &st.queue_vectors)?;
+        self.msix.restore(&st.msix)?;
+        self.common.restore(&st.common)?;
+        let base = self.config.bar_address(BAR_INDEX);
+        self.move_notifications(base)
+    }
+
+    fn kick(&mut self) {
+        self.common.kick();
+    }
+}
+
 fn notify_addr(base: u64, queue: usize) -> u64 {
     base + NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_MULTIPLIER)
 }
@@ -675,6 +717,7 @@ mod tests {
         assert_eq!(h.cfg(caps[1].0 + 2, 1), 20, "notify cap length");
         // MSI-X: 3 vectors, table at 0x4000, PBA at 0x5000, both in BAR 0.
         let msix = h.t.msix_cap;
+        assert_eq!(msix, 0x98, "the fuzz seeds of virtio_pci address it there");
         assert_eq!(h.cfg(msix, 1), u32::from(PCI_CAP_ID_MSIX));
         assert_eq!(h.cfg(msix + 2, 2), 2);
         assert_eq!(h.cfg(msix + 4, 4), 0x4000);
