@@ -107,10 +107,16 @@ pub enum DeviceModel {
     /// Paravirtual: virtio over virtio-mmio.
     #[default]
     Virtio,
-    /// Emulated: an ATA disk on a PIIX IDE controller (port I/O).
+    /// Emulated: an ATA disk on a PIIX IDE controller, bus-master DMA (what `ata_piix`
+    /// picks when the drive offers it).
     Ide,
+    /// Emulated: the same ATA disk offering PIO only (IDENTIFY without DMA modes).
+    IdePio,
     /// Emulated: an NE2000-compatible PCI NIC (RTL8029, port I/O).
     Ne2k,
+    /// Emulated: an Intel 82540EM PCI NIC (e1000: MMIO registers, descriptor rings in
+    /// guest memory).
+    E1000,
 }
 
 impl DeviceModel {
@@ -119,16 +125,23 @@ impl DeviceModel {
         let model = match s {
             "virtio" => Some(Self::Virtio),
             "ide" => Some(Self::Ide),
+            "ide-pio" => Some(Self::IdePio),
             "ne2k" => Some(Self::Ne2k),
+            "e1000" => Some(Self::E1000),
             _ => None,
         };
-        let names: Vec<&str> = allowed.iter().map(|m| m.name()).collect();
         match model {
             Some(m) if allowed.contains(&m) => Ok(m),
-            _ => Err(format!(
-                "unknown {class} model '{s}': expected {}",
-                names.join(" or ")
-            )),
+            _ => {
+                let names: Vec<&str> = allowed.iter().map(|m| m.name()).collect();
+                let expected = match names.split_last() {
+                    Some((last, rest)) if !rest.is_empty() => {
+                        format!("{} or {last}", rest.join(", "))
+                    }
+                    _ => names.join(""),
+                };
+                Err(format!("unknown {class} model '{s}': expected {expected}"))
+            }
         }
     }
 
@@ -136,8 +149,15 @@ impl DeviceModel {
         match self {
             Self::Virtio => "virtio",
             Self::Ide => "ide",
+            Self::IdePio => "ide-pio",
             Self::Ne2k => "ne2k",
+            Self::E1000 => "e1000",
         }
+    }
+
+    /// Whether this is one of the emulated ATA disk models.
+    pub fn is_ide(self) -> bool {
+        matches!(self, Self::Ide | Self::IdePio)
     }
 }
 
@@ -201,7 +221,7 @@ fn parse_options(s: &str) -> Vec<(&str, Option<&str>)> {
 }
 
 /// A disk image given with
-/// `--disk PATH[,readonly][,model=virtio|ide][,transport=pci|mmio][,serial=ID]`.
+/// `--disk PATH[,readonly][,model=virtio|ide|ide-pio][,transport=pci|mmio][,serial=ID]`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
@@ -233,8 +253,11 @@ impl FromStr for DiskConfig {
             match (key, value) {
                 ("readonly" | "ro", None) => cfg.readonly = true,
                 ("model", Some(m)) => {
-                    cfg.model =
-                        DeviceModel::parse_for(m, "disk", &[DeviceModel::Virtio, DeviceModel::Ide])?
+                    cfg.model = DeviceModel::parse_for(
+                        m,
+                        "disk",
+                        &[DeviceModel::Virtio, DeviceModel::Ide, DeviceModel::IdePio],
+                    )?
                 }
                 ("serial", Some(id)) => {
                     if id.len() > DISK_SERIAL_MAX || !id.is_ascii() {
@@ -249,7 +272,7 @@ impl FromStr for DiskConfig {
                 (p, None) if path.is_none() => path = Some(p),
                 (k, _) => {
                     return Err(format!(
-                        "unknown disk option '{k}': expected PATH[,readonly][,model=virtio|ide][,transport=pci|mmio][,serial=ID]"
+                        "unknown disk option '{k}': expected PATH[,readonly][,model=virtio|ide|ide-pio][,transport=pci|mmio][,serial=ID]"
                     ))
                 }
             }
@@ -317,7 +340,7 @@ pub enum TapConfig {
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
 
-/// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio|ne2k][,transport=pci|mmio]`.
+/// A NIC given with `--net tap=NAME[,mac=MAC][,model=virtio|ne2k|e1000][,transport=pci|mmio]`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: TapConfig,
@@ -352,13 +375,16 @@ impl FromStr for NetConfig {
                 }
                 ("mac", Some(m)) => mac = Some(m.parse()?),
                 ("model", Some(m)) => {
-                    model =
-                        DeviceModel::parse_for(m, "NIC", &[DeviceModel::Virtio, DeviceModel::Ne2k])?
+                    model = DeviceModel::parse_for(
+                        m,
+                        "NIC",
+                        &[DeviceModel::Virtio, DeviceModel::Ne2k, DeviceModel::E1000],
+                    )?
                 }
                 ("transport", Some(t)) => transport = Some(t),
                 (k, _) => {
                     return Err(format!(
-                        "unknown net option '{k}': expected tap=NAME|auto[,mac=MAC][,model=virtio|ne2k][,transport=pci|mmio]"
+                        "unknown net option '{k}': expected tap=NAME|auto[,mac=MAC][,model=virtio|ne2k|e1000][,transport=pci|mmio]"
                     ))
                 }
             }
@@ -605,11 +631,7 @@ impl VmConfig {
         if self.nets.len() > MAX_DEVICES_PER_KIND {
             return Err(ConfigError::TooMany("NICs", self.nets.len()));
         }
-        let ide = self
-            .disks
-            .iter()
-            .filter(|d| d.model == DeviceModel::Ide)
-            .count();
+        let ide = self.disks.iter().filter(|d| d.model.is_ide()).count();
         if ide > MAX_IDE_DISKS {
             return Err(ConfigError::TooManyIde(ide));
         }
@@ -764,9 +786,16 @@ mod tests {
         assert!("/a,model=scsi"
             .parse::<DiskConfig>()
             .unwrap_err()
-            .contains("unknown disk model 'scsi': expected virtio or ide"));
+            .contains("unknown disk model 'scsi': expected virtio, ide or ide-pio"));
         let d: DiskConfig = "/a,model=ide".parse().unwrap();
         assert_eq!(d.model, DeviceModel::Ide);
+        let d: DiskConfig = "/a,model=ide-pio".parse().unwrap();
+        assert_eq!(d.model, DeviceModel::IdePio);
+        assert!(d.model.is_ide());
+        assert!("/a,model=e1000"
+            .parse::<DiskConfig>()
+            .unwrap_err()
+            .contains("unknown disk model 'e1000'"));
         assert!("/a,model=ne2k"
             .parse::<DiskConfig>()
             .unwrap_err()
@@ -790,6 +819,16 @@ mod tests {
         assert_eq!(n.mac.unwrap().to_string(), "02:00:00:00:00:01");
         let n: NetConfig = "tap=auto".parse().unwrap();
         assert_eq!(n.tap, TapConfig::Auto);
+        let n: NetConfig = "tap=t,model=e1000".parse().unwrap();
+        assert_eq!(n.model, DeviceModel::E1000);
+        assert!("tap=t,model=rtl8139"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("unknown NIC model 'rtl8139': expected virtio, ne2k or e1000"));
+        assert!("tap=t,model=ide-pio"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("unknown NIC model"));
         assert!("mac=02:00:00:00:00:01"
             .parse::<NetConfig>()
             .unwrap_err()

@@ -337,16 +337,17 @@ struct RunArgs {
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     serial: SerialBackend,
 
-    /// A raw disk image, PATH[,readonly][,model=virtio|ide][,transport=pci|mmio][,serial=ID];
-    /// repeatable. virtio disks appear as /dev/vda, /dev/vdb, ... (root=/dev/vda boots from
-    /// the first); model=ide disks (at most 4, emulated ATA on a PIIX IDE controller) as
-    /// /dev/sda, ...
+    /// A raw disk image, PATH[,readonly][,model=virtio|ide|ide-pio][,transport=pci|mmio]
+    /// [,serial=ID]; repeatable. virtio disks appear as /dev/vda, /dev/vdb, ... (root=/dev/vda
+    /// boots from the first); model=ide disks (at most 4, emulated ATA on a PIIX IDE
+    /// controller, bus-master DMA; ide-pio: the same drive offering PIO only) as /dev/sda, ...
     #[arg(long = "disk", value_name = "DISK")]
     disks: Vec<DiskConfig>,
 
-    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio|ne2k]
+    /// A NIC on a host TAP device, tap=NAME|auto[,mac=MAC][,model=virtio|ne2k|e1000]
     /// [,transport=pci|mmio]; repeatable.
-    /// model=ne2k is an emulated NE2000 PCI card (RTL8029). tap=auto creates a TAP named
+    /// model=ne2k is an emulated NE2000 PCI card (RTL8029), model=e1000 an Intel 82540EM
+    /// (the in-tree e1000 driver). tap=auto creates a TAP named
     /// fvmtapN for the VM's lifetime (needs CAP_NET_ADMIN)
     #[arg(long = "net", value_name = "NIC")]
     nets: Vec<NetConfig>,

@@ -50,6 +50,7 @@ use crate::vstate::memory::{
     create_guest_memory_with, map_snapshot_memory, GuestMemoryMmap, MemoryBacking, MemoryError,
     SnapshotMemoryError,
 };
+use crate::vstate::stats::KvmStats;
 use crate::vstate::vcpu::{
     register_kick_handler, GuestExit, Vcpu, VcpuError, VcpuHandle, VmRunState,
 };
@@ -657,8 +658,9 @@ impl Vmm {
                 .clone()
                 .unwrap_or_else(|| default_disk_id(&disk.path));
             match disk.model {
-                DeviceModel::Ide => {
-                    ide_disks.push(AtaDisk::new(Box::new(file), disk.readonly, &id));
+                DeviceModel::Ide | DeviceModel::IdePio => {
+                    let dma = disk.model == DeviceModel::Ide;
+                    ide_disks.push(AtaDisk::new(Box::new(file), disk.readonly, &id).with_dma(dma));
                 }
                 _ => {
                     let name = format!("vd{}", char::from(b'a' + virtio_disks));
@@ -678,7 +680,7 @@ impl Vmm {
                 }
             }
         }
-        devices.attach_ide(&vm, ide_disks)?;
+        devices.attach_ide(&vm, &mem, ide_disks)?;
         // NIC i is eth{i} in the guest when all NICs share a model: virtio-mmio devices are
         // probed in command line order, PCI NICs in slot order.
         for (i, (net, tap)) in resolved.nets.iter().zip(taps).enumerate() {
@@ -688,6 +690,9 @@ impl Vmm {
             match net.model {
                 DeviceModel::Ne2k => {
                     devices.attach_ne2k(&vm, &mut event_manager, &name, tap, mac)?;
+                }
+                DeviceModel::E1000 => {
+                    devices.attach_e1000(&vm, &mem, &mut event_manager, &name, tap, mac)?;
                 }
                 _ => {
                     let dev = VirtioNet::new(name.clone(), Box::new(tap), mac)?;
@@ -730,6 +735,9 @@ impl Vmm {
                 }
             }
         }
+        // KVM's own counters of every exit, opened now (before the seccomp filters) and
+        // read into the metrics report when it is written.
+        let kvm_stats = KvmStats::open(vm.fd(), vcpus.iter().map(Vcpu::fd));
         if devices.uses_coalesced_pio() {
             let ring =
                 Arc::new(CoalescedRing::map(vcpus[0].fd()).map_err(VmmError::CoalescedRing)?);
@@ -746,7 +754,10 @@ impl Vmm {
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(lifecycle)));
 
-        let built = devices.finish()?;
+        let mut built = devices.finish()?;
+        built
+            .metrics
+            .set_kvm_report(Box::new(move || kvm_stats.to_json()));
         let (uptime_before_ms, restored_from) = match &source {
             Source::Boot(_) => (0, None),
             Source::Snapshot(snap, dir) => {

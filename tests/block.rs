@@ -1,5 +1,5 @@
-//! Disks, on both models (virtio-blk, on virtio-pci and on virtio-mmio, and the emulated IDE
-//! disk; the same tests run on each):
+//! Disks, on every model (virtio-blk, on virtio-pci and on virtio-mmio, and the emulated IDE
+//! disk by bus-master DMA and by PIO; the same tests run on each):
 //! a guest filesystem's flushed data is in the image after the VM ends, host data reads back
 //! in the guest, read-only disks stay unchanged, the cache mode and identity, several disks,
 //! booting from a disk as the root device, and a disk written through one model reads back
@@ -108,20 +108,32 @@ struct Model {
     opt: &'static str,
     /// Block device name prefix in the guest (vda, vdb / sda, sdb).
     prefix: &'static str,
+    /// For IDE, the transfer mode libata set the drive to (sysfs `xfer_mode` of ata1.00).
+    xfer_mode: &'static str,
 }
 
 const VIRTIO: Model = Model {
     opt: "",
     prefix: "vd",
+    xfer_mode: "",
 };
+/// IDE as ata_piix drives it by default: bus-master DMA (MWDMA2 on the PIIX3).
 const IDE: Model = Model {
     opt: ",model=ide",
     prefix: "sd",
+    xfer_mode: "XFER_MW_DMA_2",
+};
+/// The IDE drive offering PIO only.
+const IDE_PIO: Model = Model {
+    opt: ",model=ide-pio",
+    prefix: "sd",
+    xfer_mode: "XFER_PIO_4",
 };
 /// virtio-blk on the virtio-mmio transport (virtio-pci is the default).
 const VIRTIO_MMIO: Model = Model {
     opt: ",transport=mmio",
     prefix: "vd",
+    xfer_mode: "",
 };
 
 impl Model {
@@ -148,6 +160,9 @@ macro_rules! per_model {
         }
         mod ide {
             $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::IDE) })*
+        }
+        mod ide_pio {
+            $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::IDE_PIO) })*
         }
         mod virtio_mmio {
             $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::VIRTIO_MMIO) })*
@@ -322,7 +337,8 @@ fn write_cache_and_identity_are_reported(m: &Model) {
     let out = Vm::guest_running(&format!(
         "echo cache=$(cat /sys/block/{name}/queue/write_cache | tr ' ' _); \
          echo serial=$(cat /sys/block/{name}/serial 2>/dev/null || tail -c +5 /sys/block/{name}/device/vpd_pg80); \
-         echo model=$(cat /sys/block/{name}/device/model 2>/dev/null | tr ' ' _)"
+         echo model=$(cat /sys/block/{name}/device/model 2>/dev/null | tr ' ' _); \
+         echo xfer=$(cat /sys/class/ata_device/dev1.0/xfer_mode 2>/dev/null)"
     ))
     .arg("--disk")
     .arg(img.disk_arg(&format!(",serial=ferro-disk-01{}", m.opt)))
@@ -334,6 +350,9 @@ fn write_cache_and_identity_are_reported(m: &Model) {
     assert_eq!(guest_value(&out, "serial"), "ferro-disk-01");
     if m.is_ide() {
         assert_eq!(guest_value(&out, "model"), "FERROVM_HARDDISK");
+        // The transfer mode libata set the drive to: DMA unless the drive offers PIO only.
+        let xfer = guest_value(&out, "xfer");
+        assert_eq!(xfer, m.xfer_mode, "{}", out.dump());
     }
 }
 
@@ -421,12 +440,17 @@ fn boots_with_the_first_disk_as_root(m: &Model) {
     );
 }
 
-/// What one model wrote, the other reads: both are views of the same raw image.
+/// What one model wrote, another reads: all are views of the same raw image (IDE by DMA
+/// against virtio-blk both ways, and IDE by PIO against IDE by DMA).
 #[test]
 fn a_disk_written_through_one_model_reads_back_through_the_other() {
     sandboxed!();
     let img = Image::new("cross.img", 16);
-    for (writer, reader, seed) in [(&IDE, &VIRTIO, 11u64), (&VIRTIO, &IDE, 12)] {
+    for (writer, reader, seed) in [
+        (&IDE, &VIRTIO, 11u64),
+        (&VIRTIO, &IDE, 12),
+        (&IDE_PIO, &IDE, 13),
+    ] {
         let data = pattern(2 << 20, seed);
         let src = temp_path("cross-src");
         std::fs::write(&src, &data).unwrap();
@@ -442,7 +466,7 @@ fn a_disk_written_through_one_model_reads_back_through_the_other() {
             "dd if={src_dev} of={w_dev} bs=64k seek=16 conv=fsync 2>/dev/null; echo dd=$?"
         ));
         if writer.is_ide() {
-            vm.arg("--disk").arg(img.disk_arg(IDE.opt));
+            vm.arg("--disk").arg(img.disk_arg(writer.opt));
             vm.arg("--disk").arg(src_img.disk_arg(",readonly"));
         } else {
             vm.arg("--disk").arg(img.disk_arg(""));
@@ -464,8 +488,8 @@ fn a_disk_written_through_one_model_reads_back_through_the_other() {
             guest_value(&out, "sum"),
             sha256_of_bytes(&data),
             "written through {}, read through {}",
-            writer.prefix,
-            reader.prefix
+            writer.opt,
+            reader.opt
         );
     }
 }

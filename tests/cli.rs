@@ -54,8 +54,8 @@ fn help_documents_every_flag() {
         "--system-map",
         "--no-seccomp",
         "--allow-emulated-kvm",
-        "model=virtio|ide",
-        "model=virtio|ne2k",
+        "model=virtio|ide|ide-pio",
+        "model=virtio|ne2k|e1000",
     ] {
         assert!(help.contains(flag), "run --help lacks {flag}:\n{help}");
     }
@@ -463,12 +463,12 @@ fn bad_device_models_and_counts_are_named() {
     assert_fails_with(
         &run(&["--kernel", &k, "--disk", &format!("{img},model=ne2k")]),
         2,
-        "unknown disk model 'ne2k': expected virtio or ide",
+        "unknown disk model 'ne2k': expected virtio, ide or ide-pio",
     );
     assert_fails_with(
         &run(&["--kernel", &k, "--net", "tap=t0,model=ide"]),
         2,
-        "unknown NIC model 'ide': expected virtio or ne2k",
+        "unknown NIC model 'ide': expected virtio, ne2k or e1000",
     );
     assert_fails_with(
         &run(&["--kernel", &k, "--serial2", "pty"]),

@@ -1,7 +1,7 @@
 //! Crash consistency: a guest appends numbered records to a raw disk, flushing after each
 //! and printing an acknowledgement, while the VMM is killed with SIGKILL at a random point.
-//! Every record the guest saw acknowledged must be intact in the image afterwards, on both
-//! disk models: what the guest flushed was handed to the host before the flush completed,
+//! Every record the guest saw acknowledged must be intact in the image afterwards, on every
+//! disk model (virtio-blk, IDE by DMA, IDE by PIO): what the guest flushed was handed to the host before the flush completed,
 //! so no VMM-side buffer can lose it, however the VMM ends.
 //!
 //! FERROVM_CRASH_RUNS (default 20) sets the kills per model; FERROVM_CRASH_SEED the seed
@@ -37,9 +37,16 @@ const VIRTIO: Model = Model {
     opt: "",
     dev: "/dev/vda",
 };
+/// IDE as ata_piix drives it by default: bus-master DMA, each request one pwritev.
 const IDE: Model = Model {
-    name: "IDE",
+    name: "IDE (DMA)",
     opt: ",model=ide",
+    dev: "/dev/sda",
+};
+/// The IDE drive offering PIO only: sector by sector through the data register.
+const IDE_PIO: Model = Model {
+    name: "IDE (PIO)",
+    opt: ",model=ide-pio",
     dev: "/dev/sda",
 };
 
@@ -170,4 +177,10 @@ fn virtio_blk_acknowledged_records_survive_sigkill() {
 fn ide_acknowledged_records_survive_sigkill() {
     sandboxed!();
     acknowledged_records_survive_sigkill(&IDE);
+}
+
+#[test]
+fn ide_pio_acknowledged_records_survive_sigkill() {
+    sandboxed!();
+    acknowledged_records_survive_sigkill(&IDE_PIO);
 }

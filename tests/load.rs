@@ -16,14 +16,14 @@ const GUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// What `ferrovm run` logs (at info) when tear-down left nothing behind.
 const NOTHING_LEFT: &str = "VMM torn down: no threads or file descriptors left behind";
 
-/// Guest `n`: the virtio models when `n` is even, the emulated ones when odd, so both
-/// kinds of device come up and go away under load. The guest checks its disk and NIC
-/// are there and prints `up-n`.
+/// Guest `n`: the virtio models when `n` is even, the emulated ones when odd (IDE by DMA
+/// with the NE2000, IDE by PIO with the e1000, in turn), so every kind of device comes up
+/// and goes away under load. The guest checks its disk and NIC are there and prints `up-n`.
 fn guest(n: usize, image: &TempFile) -> Vm {
-    let (disk_model, net_model, disk) = if n.is_multiple_of(2) {
-        ("virtio", "virtio", "vda")
-    } else {
-        ("ide", "ne2k", "sda")
+    let (disk_model, net_model, disk) = match n % 4 {
+        1 => ("ide", "ne2k", "sda"),
+        3 => ("ide-pio", "e1000", "sda"),
+        _ => ("virtio", "virtio", "vda"),
     };
     let cmd = format!("test -b /dev/{disk} && test -e /sys/class/net/eth0 && echo up-{n}");
     let mut vm = Vm::guest_running(&cmd);

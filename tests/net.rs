@@ -1,5 +1,5 @@
-//! NICs over host TAP devices, on both models (virtio-net and the emulated NE2000; the same
-//! tests run on each): the guest and the host ping each other, TCP payloads cross intact
+//! NICs over host TAP devices, on every model (virtio-net and the emulated NE2000 and e1000;
+//! the same tests run on each): the guest and the host ping each other, TCP payloads cross intact
 //! both ways, two NICs work at once, the MAC given on the command line is the guest's, and a
 //! TAP that cannot be opened is a clear error. Each test makes its own TAP (`ip tuntap add`,
 //! so root is needed: the sandbox runs tests as root) and removes it.
@@ -138,6 +138,13 @@ const NE2K: Model = Model {
     tcp_len: 512 << 10,
     tap_base: 150,
 };
+/// The emulated Intel 82540EM: descriptor rings in guest memory, TSO, a few MMIO exits
+/// per batch of frames.
+const E1000: Model = Model {
+    opt: ",model=e1000",
+    tcp_len: 4 << 20,
+    tap_base: 20,
+};
 /// virtio-net on the virtio-mmio transport (virtio-pci is the default).
 const VIRTIO_MMIO: Model = Model {
     opt: ",transport=mmio",
@@ -165,6 +172,9 @@ macro_rules! per_model {
         }
         mod ne2k {
             $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::NE2K) })*
+        }
+        mod e1000 {
+            $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::E1000) })*
         }
         mod virtio_mmio {
             $(#[test] fn $name() { crate::sandboxed!(); super::$name(&super::VIRTIO_MMIO) })*

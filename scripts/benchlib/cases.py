@@ -3,8 +3,8 @@ baseline, a container, ferrovm's device models, QEMU's), how one run of each goe
 figures it yields.
 
 A subject is a dict: name, label, kind (host | container | ferrovm | qemu), model (the
-device model: virtio, ide, ne2k, uart, virtio-console) and, for ferrovm, peer (the QEMU
-subject it is compared with)."""
+device model: virtio, ide (bus-master DMA), ide-pio, ne2k, e1000, uart, virtio-console) and,
+for ferrovm, peer (the QEMU subject it is compared with)."""
 
 import os
 import re
@@ -283,9 +283,10 @@ class Block(VmClass):
                 qemu("virtio", "QEMU virtio-blk-pci (pc)", "pci"),
                 ferro("virtio", "ferrovm virtio-blk (mmio)", "qemu-virtio", "mmio"),
                 qemu("virtio", "QEMU virtio-blk (microvm mmio)", "mmio"),
-                ferro("ide", "ferrovm IDE", "qemu-ide"), qemu("ide", "QEMU IDE (PIO)"),
-                # Context, not the peer: what the same QEMU disk does when the guest may use
-                # busmaster DMA, which ferrovm's PIO-only IDE does not offer.
+                ferro("ide-pio", "ferrovm IDE (PIO)", "qemu-ide"), qemu("ide", "QEMU IDE (PIO)"),
+                # Bus-master DMA, what ata_piix picks by default on both: ferrovm's
+                # `model=ide` against QEMU's IDE with the guest free to use DMA.
+                ferro("ide", "ferrovm IDE (DMA)", "qemu-ide-udma"),
                 dict(qemu("ide", "QEMU IDE (UDMA)"), name="qemu-ide-udma", dma=True)]
     DISK_NAME = "ferrovm-bench-disk.img"
 
@@ -323,13 +324,14 @@ class Block(VmClass):
                 "to the machine that runs the VMs, never the 9p share). "
                 f"Host file and container (`unshare --mount --pid --net`): fio on the image file, {host_io}. "
                 f"VMs: {vcpus(self.args.cpus)}, {self.args.memory} MiB, fio direct=1 on the guest's "
-                "disk. ferrovm: `--disk IMG,model=virtio|ide` (virtio-blk: preadv/pwritev "
-                "through the host page cache on 4 I/O threads; IDE: PIO only, on the vCPU "
-                "thread). QEMU: `cache=writeback,aio=threads`; virtio-blk-device "
+                "disk. ferrovm: `--disk IMG,model=virtio|ide|ide-pio` (virtio-blk: preadv/pwritev "
+                "through the host page cache on 4 I/O threads; IDE: bus-master DMA, one "
+                "preadv/pwritev per request into the PRD buffers, or PIO only with ide-pio, on "
+                "the vCPU thread). QEMU: `cache=writeback,aio=threads`; virtio-blk-device "
                 "(num-queues=1, modern virtio-mmio) on microvm, `ide-hd` on the PIIX3 IDE of "
-                "`-M pc`, its guest booted with `libata.dma=0` so that both IDE disks move "
-                "data by PIO (the peer); QEMU IDE (UDMA) is the same disk with the busmaster "
-                "DMA the guest picks by default, shown for context.")
+                "`-M pc`: QEMU IDE (PIO), its guest booted with `libata.dma=0`, is the peer of "
+                "ferrovm's ide-pio; QEMU IDE (UDMA), the same disk with the busmaster DMA the "
+                "guest picks by default, the peer of ferrovm's DMA IDE.")
 
     def fio_args(self, filename, direct):
         p = self.p
@@ -347,7 +349,9 @@ class Block(VmClass):
         if subject["kind"] in ("host", "container"):
             return jobs
         # PIO IDE: 1 MiB requests take seconds each in the nested sandbox, beyond the runtime.
-        return jobs + self.vm_overhead() + (90 if subject["model"] == "ide" else 0)
+        pio = subject["model"] == "ide-pio" or (
+            subject["kind"] == "qemu" and subject["model"] == "ide" and not subject.get("dma"))
+        return jobs + self.vm_overhead() + (90 if pio else 0)
 
     def device(self, subject):
         return {"kind": "disk", "model": subject["model"], "path": self.disk,
@@ -487,7 +491,8 @@ class Net(VmClass):
                 qemu("virtio", "QEMU virtio-net-pci (pc)", "pci"),
                 ferro("virtio", "ferrovm virtio-net (mmio)", "qemu-virtio", "mmio"),
                 qemu("virtio", "QEMU virtio-net (microvm mmio)", "mmio"),
-                ferro("ne2k", "ferrovm ne2k", "qemu-ne2k"), qemu("ne2k", "QEMU ne2k_pci")]
+                ferro("ne2k", "ferrovm ne2k", "qemu-ne2k"), qemu("ne2k", "QEMU ne2k_pci"),
+                ferro("e1000", "ferrovm e1000", "qemu-e1000"), qemu("e1000", "QEMU e1000 (pc)")]
 
     def setup(self):
         for tool in ("iperf3", "ping"):
@@ -525,8 +530,9 @@ class Net(VmClass):
                 "10 ms apart from the client side (round trip p50/p99). Host: loopback. Container: "
                 "`ip netns exec` + `unshare --mount --pid`, over a veth pair. VMs: "
                 f"{vcpus(self.args.cpus)}, {self.args.memory} MiB, a TAP with the host's address. "
-                "ferrovm: `--net tap=NAME,model=virtio|ne2k`. QEMU: `-netdev tap,vhost=off` "
-                "(userspace, no vhost-net) with virtio-net-device on microvm, `ne2k_pci` on `-M pc`. "
+                "ferrovm: `--net tap=NAME,model=virtio|ne2k|e1000`. QEMU: `-netdev tap,vhost=off` "
+                "(userspace, no vhost-net) with virtio-net-device on microvm, `ne2k_pci` and "
+                "`e1000` (82540EM) on `-M pc`. "
                 "Both ne2k cases: iperf3 `-w 16K` (at ne2k's rate the default socket buffers hold "
                 "tens of seconds of data and a test cannot end on time). Each client tool has a "
                 "time limit; one that fails costs its figure, not the run's others.")

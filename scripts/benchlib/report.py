@@ -24,8 +24,12 @@ GOALS = [
     ("net", "tcp_rx_gbps", "ferrovm-virtio-pci", "qemu-virtio-pci", 1.0, "virtio-net-pci TCP host->guest >= 1.0x QEMU virtio-net-pci"),
     ("net", "tcp_tx_gbps", "ferrovm-virtio-mmio", "qemu-virtio", 1.0, "virtio-net (mmio) TCP guest->host >= 1.0x QEMU virtio-net (mmio)"),
     ("net", "tcp_rx_gbps", "ferrovm-virtio-mmio", "qemu-virtio", 1.0, "virtio-net (mmio) TCP host->guest >= 1.0x QEMU virtio-net (mmio)"),
-    ("block", "seq_read_mbps", "ferrovm-ide", "qemu-ide", 1.0, "IDE sequential read >= 1.0x QEMU's IDE (both PIO)"),
-    ("block", "seq_write_mbps", "ferrovm-ide", "qemu-ide", 1.0, "IDE sequential write >= 1.0x QEMU's IDE (both PIO)"),
+    ("block", "seq_read_mbps", "ferrovm-ide-pio", "qemu-ide", 1.0, "IDE sequential read >= 1.0x QEMU's IDE (both PIO)"),
+    ("block", "seq_write_mbps", "ferrovm-ide-pio", "qemu-ide", 1.0, "IDE sequential write >= 1.0x QEMU's IDE (both PIO)"),
+    ("block", "seq_read_mbps", "ferrovm-ide", "qemu-ide-udma", 1.0, "IDE sequential read >= 1.0x QEMU's IDE (both DMA)"),
+    ("block", "seq_write_mbps", "ferrovm-ide", "qemu-ide-udma", 1.0, "IDE sequential write >= 1.0x QEMU's IDE (both DMA)"),
+    ("net", "tcp_tx_gbps", "ferrovm-e1000", "qemu-e1000", 1.0, "e1000 TCP guest->host >= 1.0x QEMU's e1000"),
+    ("net", "tcp_rx_gbps", "ferrovm-e1000", "qemu-e1000", 1.0, "e1000 TCP host->guest >= 1.0x QEMU's e1000"),
     ("net", "tcp_tx_gbps", "ferrovm-ne2k", "qemu-ne2k", 1.0, "ne2k TCP guest->host >= 1.0x QEMU's ne2k_pci"),
     ("net", "tcp_rx_gbps", "ferrovm-ne2k", "qemu-ne2k", 1.0, "ne2k TCP host->guest >= 1.0x QEMU's ne2k_pci"),
     ("block", "seq_read_mbps", "ferrovm-virtio-pci", "host", 0.8, "virtio-blk-pci sequential read >= 0.8x the host file"),
@@ -248,7 +252,7 @@ def write(out_dir, results, quiet=True):
         if cls == "block":
             modes = {s: sorted({ln.split("configured for ")[1] for r in res["runs"].get(s, [])
                                 for ln in r.get("guest_dmesg", []) if "configured for " in ln})
-                     for s in ("ferrovm-ide", "qemu-ide", "qemu-ide-udma")}
+                     for s in ("ferrovm-ide-pio", "ferrovm-ide", "qemu-ide", "qemu-ide-udma")}
             if any(modes.values()):
                 lines += ["IDE transfer mode libata chose: " + "; ".join(
                     f"{s}: {', '.join(m) or '?'}" for s, m in modes.items()) + ".", ""]

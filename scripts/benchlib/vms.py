@@ -45,8 +45,8 @@ def ferrovm_command(art, cpus, memory, cmd, dev, metrics=None):
 
 def qemu_command(art, cpus, memory, cmd, dev):
     """QEMU microvm for the virtio models over mmio; QEMU pc for virtio-pci (modern only,
-    disable-legacy=on, as ferrovm's) and for the emulated models (PIIX3 IDE, ne2k_pci, a
-    second ISA UART). pc boots through SeaBIOS: its boot time says nothing."""
+    disable-legacy=on, as ferrovm's) and for the emulated models (PIIX3 IDE, ne2k_pci or
+    e1000, a second ISA UART). pc boots through SeaBIOS: its boot time says nothing."""
     pci = dev.get("transport") == "pci"
     virtio = dev["model"] in ("virtio", "virtio-console") and not pci
     argv = [qemu_binary() or "qemu-system-x86_64"]
@@ -69,7 +69,7 @@ def qemu_command(art, cpus, memory, cmd, dev):
                  else ["-device", "ide-hd,drive=d0,bus=ide.0"])
     elif kind == "nic":
         model = ("virtio-net-device" if virtio else "virtio-net-pci,disable-legacy=on" if pci
-                 else "ne2k_pci")
+                 else "e1000" if dev["model"] == "e1000" else "ne2k_pci")
         argv += ["-netdev", f"tap,id=n0,ifname={dev['tap']},script=no,downscript=no,vhost=off",
                  "-device", f"{model},netdev=n0,mac={GUEST_MAC}"]
     elif kind == "uart":
@@ -81,8 +81,8 @@ def qemu_command(art, cpus, memory, cmd, dev):
     if virtio:
         # microvm has no i8042: reboot=t ends it through a triple fault (with -no-reboot).
         return argv + ["-append", f"console=ttyS0 reboot=t panic=-1 quiet {QEMU_MMIO_DEV0} -- {cmd}"]
-    # ferrovm's IDE moves data by PIO only: its QEMU peer's guest is kept to PIO as well,
-    # unless the subject asks for the busmaster DMA the guest would pick by default.
+    # QEMU's IDE peer of ferrovm's ide-pio: its guest is kept to PIO (libata.dma=0); the
+    # subject that asks for it gets the busmaster DMA the guest would pick by default.
     pio = " libata.dma=0" if kind == "disk" and not dev.get("dma") else ""
     return argv + ["-append", f"console=ttyS0 reboot=k panic=-1 quiet{pio} -- {cmd}"]
 
@@ -113,6 +113,13 @@ def device_metrics(path, pick):
     s = {k: sum(d.get(k, 0) for d in devs) for k in keys}
     moved = s["bytes_to_guest"] + s["bytes_from_guest"]
     total = s["exits"] + s["notifications"]
+    # KVM's own count of every exit (the whole VM, all devices and the rest), where the host
+    # kernel has binary statistics; else why not.
+    kvm = doc.get("kvm") or {"available": False, "why": "no kvm object in the report"}
+    counters = kvm.get("counters", {}) if kvm.get("available") else {}
+    kvm_exits = counters.get("exits")
+    s.update(kvm=kvm, kvm_exits=kvm_exits,
+             kvm_exits_per_mib=kvm_exits / (moved / MIB) if kvm_exits is not None and moved else None)
     s.update(devices=[d["name"] for d in devs], models=sorted({d.get("model") for d in devs}),
              mib_moved=moved / MIB, total_exits=total,
              exits_per_mib=s["exits"] / (moved / MIB) if moved else None,

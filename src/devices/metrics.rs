@@ -51,11 +51,15 @@ pub struct RegisterCount {
 pub struct DeviceMetrics {
     /// What the guest calls it, e.g. `vda`, `eth0`, `ttyS1`, `ide0`.
     pub name: String,
-    /// The device model: `virtio-blk`, `ide`, `virtio-net`, `ne2k`, `uart`, `virtio-console`.
+    /// The device model: `virtio-blk`, `ide`, `virtio-net`, `ne2k`, `e1000`, `uart`,
+    /// `virtio-console`.
     pub model: &'static str,
     /// The device class the bench compares models within: `block`, `net`, `stream`, `system`.
     pub class: &'static str,
     register_names: RegisterNames,
+    /// Register blocks named apart from the device's base (an I/O BAR next to a memory
+    /// BAR, a bus master block): (space, base, length, names).
+    register_ranges: Vec<(Space, u64, u64, RegisterNames)>,
     /// (space, absolute address) -> accesses. Under a mutex: the bus already serializes
     /// accesses to one device, so this lock is never contended on the exit path.
     registers: Mutex<BTreeMap<(Space, u64), RegisterCount>>,
@@ -76,6 +80,7 @@ impl DeviceMetrics {
             model,
             class,
             register_names: no_names,
+            register_ranges: Vec::new(),
             registers: Mutex::new(BTreeMap::new()),
             exits: AtomicU64::new(0),
             notifications: AtomicU64::new(0),
@@ -92,6 +97,28 @@ impl DeviceMetrics {
     pub fn with_register_names(mut self, names: RegisterNames) -> Self {
         self.register_names = names;
         self
+    }
+
+    /// Names the registers of `[base, base + len)` in `space` with `names(offset)`, the
+    /// offset counted from `base`.
+    pub fn with_register_range(
+        mut self,
+        space: Space,
+        base: u64,
+        len: u64,
+        names: RegisterNames,
+    ) -> Self {
+        self.register_ranges.push((space, base, len, names));
+        self
+    }
+
+    /// The name of the register at `addr`, the device's registers starting at `base`.
+    fn register_name(&self, space: Space, addr: u64, base: u64) -> &'static str {
+        self.register_ranges
+            .iter()
+            .find(|(s, b, len, _)| *s == space && addr >= *b && addr - *b < *len)
+            .map(|(_, b, _, names)| names(addr - b))
+            .unwrap_or_else(|| (self.register_names)(addr.wrapping_sub(base)))
     }
 
     /// Counters that belong to no device in particular (tests, unnamed helpers).
@@ -189,7 +216,7 @@ impl DeviceMetrics {
             self.event_loop_ns.load(Ordering::Relaxed),
         );
         for (i, ((space, addr), c)) in self.registers().iter().enumerate() {
-            let name = (self.register_names)(addr.wrapping_sub(base));
+            let name = self.register_name(*space, *addr, base);
             let _ = write!(
                 out,
                 "{}{{\"space\":\"{}\",\"address\":\"{addr:#x}\",\"register\":{},\
@@ -253,11 +280,16 @@ impl<T: MutEventSubscriber> MutEventSubscriber for Metered<T> {
     }
 }
 
+/// Produces a JSON value for the report when it is written (KVM's own counters).
+pub type ReportSource = Box<dyn Fn() -> String + Send>;
+
 /// Every device's counters, in attach order.
 pub struct MetricsRegistry {
     start: Instant,
     /// (counters, base address of the device's registers for naming them).
     devices: Vec<(Arc<DeviceMetrics>, u64)>,
+    /// The report's `kvm` object: KVM's counters of every exit, read when written.
+    kvm: Option<ReportSource>,
     /// The crash report as a JSON object, once the guest crashed.
     crash: Option<String>,
 }
@@ -267,6 +299,7 @@ impl Default for MetricsRegistry {
         Self {
             start: Instant::now(),
             devices: Vec::new(),
+            kvm: None,
             crash: None,
         }
     }
@@ -284,6 +317,11 @@ impl MetricsRegistry {
         m
     }
 
+    /// Adds a top-level `kvm` object to the report, `source` giving it when written.
+    pub fn set_kvm_report(&mut self, source: ReportSource) {
+        self.kvm = Some(source);
+    }
+
     pub fn devices(&self) -> impl Iterator<Item = &Arc<DeviceMetrics>> {
         self.devices.iter().map(|(m, _)| m)
     }
@@ -293,8 +331,8 @@ impl MetricsRegistry {
         self.crash = Some(json);
     }
 
-    /// The report: `{"uptime_ns": N, "devices": [...]}`, and `"crash": {...}` after a guest
-    /// crash.
+    /// The report: `{"uptime_ns": N, "devices": [...], "kvm": {...}}` (`kvm` once the VM
+    /// has vCPUs), and `"crash": {...}` after a guest crash.
     pub fn to_json(&self) -> String {
         let mut out = format!(
             "{{\"uptime_ns\":{},\"devices\":[",
@@ -307,6 +345,9 @@ impl MetricsRegistry {
             m.write_json(&mut out, *base);
         }
         out.push(']');
+        if let Some(kvm) = &self.kvm {
+            let _ = write!(out, ",\"kvm\":{}", kvm());
+        }
         if let Some(crash) = &self.crash {
             out.push_str(",\"crash\":");
             out.push_str(crash);
@@ -347,6 +388,55 @@ mod tests {
         assert!(json.contains("\"exits\":3,\"notifications\":3,\"coalesced\":0,\"interrupts\":1,\"bytes_to_guest\":512,\"bytes_from_guest\":0,\"vcpu_handling_ns\":16"), "{json}");
         assert!(json.contains("{\"space\":\"pio\",\"address\":\"0x1f0\",\"register\":\"data\",\"reads\":1,\"writes\":1}"), "{json}");
         assert!(json.contains("{\"space\":\"pio\",\"address\":\"0x1f7\",\"register\":\"\",\"reads\":1,\"writes\":0}"), "{json}");
+    }
+
+    #[test]
+    fn register_ranges_name_blocks_apart_from_the_base() {
+        let mut reg = MetricsRegistry::new();
+        let mmio: RegisterNames = |off| if off == 0xc0 { "icr" } else { "" };
+        let io: RegisterNames = |off| if off == 4 { "iodata" } else { "" };
+        let m = reg.add(
+            DeviceMetrics::new("eth0", "e1000", "net")
+                .with_register_names(mmio)
+                .with_register_range(Space::Pio, 0xc100, 0x40, io),
+            0xc000_0000,
+        );
+        m.record_exit(Space::Mmio, 0xc000_00c0, false, Duration::ZERO);
+        m.record_exit(Space::Pio, 0xc104, true, Duration::ZERO);
+        // A port below the range is not named by it.
+        m.record_exit(Space::Pio, 0xc0c0, false, Duration::ZERO);
+        let json = reg.to_json();
+        assert!(
+            json.contains("\"address\":\"0xc00000c0\",\"register\":\"icr\""),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"address\":\"0xc104\",\"register\":\"iodata\""),
+            "{json}"
+        );
+        assert!(
+            json.contains("\"address\":\"0xc0c0\",\"register\":\"\""),
+            "{json}"
+        );
+    }
+
+    #[test]
+    fn the_kvm_object_is_read_when_the_report_is_written() {
+        let mut reg = MetricsRegistry::new();
+        assert!(!reg.to_json().contains("\"kvm\""));
+        let n = Arc::new(AtomicU64::new(5));
+        let src = n.clone();
+        reg.set_kvm_report(Box::new(move || {
+            format!(
+                "{{\"counters\":{{\"exits\":{}}}}}",
+                src.load(Ordering::Relaxed)
+            )
+        }));
+        assert!(reg
+            .to_json()
+            .ends_with(",\"kvm\":{\"counters\":{\"exits\":5}}}\n"));
+        n.store(7, Ordering::Relaxed);
+        assert!(reg.to_json().contains("\"exits\":7"));
     }
 
     #[test]

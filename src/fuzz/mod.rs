@@ -66,6 +66,14 @@ pub const TARGETS: &[Target] = &[
         run: emulated::pci,
     },
     Target {
+        name: "e1000",
+        run: emulated::e1000,
+    },
+    Target {
+        name: "bmdma",
+        run: emulated::bmdma,
+    },
+    Target {
         name: "kernel_loader",
         run: kernel::loader,
     },

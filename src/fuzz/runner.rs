@@ -431,6 +431,8 @@ mod tests {
         ide,
         ne2k,
         pci,
+        e1000,
+        bmdma,
         kernel_loader
     );
 }

@@ -27,6 +27,8 @@ pub fn for_target(target: &str) -> Vec<(&'static str, Vec<u8>)> {
         "ide" => ide(),
         "ne2k" => ne2k(),
         "pci" => pci(),
+        "e1000" => e1000(),
+        "bmdma" => bmdma(),
         "kernel_loader" => kernel(),
         _ => Vec::new(),
     }
@@ -687,6 +689,258 @@ fn pci() -> Vec<(&'static str, Vec<u8>)> {
     b.u8(0).u16(6).u32(0);
     b.u8(2 | 1).u16(0).u32(0xffff);
     vec![("probe-and-program", b.0)]
+}
+
+/// e1000 accesses (see `emulated::e1000` for the format).
+struct Nic1000(InputBuilder);
+
+impl Nic1000 {
+    fn w(&mut self, off: u32, v: u32) -> &mut Self {
+        self.0.u8(0x24).u32(off).u64(u64::from(v));
+        self
+    }
+    fn r(&mut self, off: u32) -> &mut Self {
+        self.0.u8(0x20).u32(off).u64(0);
+        self
+    }
+    /// IOADDR/IODATA, as e1000_reset_hw issues the reset.
+    fn io_w(&mut self, off: u32, v: u32) -> &mut Self {
+        self.0.u8(0x2c).u32(0).u64(u64::from(off));
+        self.0.u8(0x2c).u32(4).u64(u64::from(v));
+        self
+    }
+    fn mem(&mut self, addr: u32, bytes: &[u8]) -> &mut Self {
+        self.0.u8(3).u32(addr).blob(bytes);
+        self
+    }
+    fn receive(&mut self, hdr: [u8; 10], frame: &[u8]) -> &mut Self {
+        self.0.u8(1).bytes(&hdr).blob(frame);
+        self
+    }
+    fn time(&mut self, us: u16) -> &mut Self {
+        self.0.u8(2).u16(us);
+        self
+    }
+}
+
+/// An Ethernet + IPv4 + TCP frame (checksums left for the offloads) with `payload` bytes.
+fn tcp_frame(payload: usize) -> Vec<u8> {
+    let mut f = vec![0u8; 54 + payload];
+    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    f[14] = 0x45;
+    f[16..18].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+    f[22] = 64;
+    f[23] = 6;
+    f[26..30].copy_from_slice(&[10, 0, 0, 2]);
+    f[30..34].copy_from_slice(&[10, 0, 0, 1]);
+    f[46] = 5 << 4;
+    f[47] = 0x10;
+    f
+}
+
+/// A 16-byte descriptor: `lo` (address or context fields) and `hi` (length, type, command,
+/// status...).
+fn desc16(lo: u64, hi: u64) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&lo.to_le_bytes());
+    d[8..].copy_from_slice(&hi.to_le_bytes());
+    d
+}
+
+/// What e1000 probe and open do: reset, EEPROM reads, the PHY, the rings, interrupts on.
+fn e1000_init() -> Nic1000 {
+    let mut n = Nic1000(InputBuilder::default());
+    n.w(0xd8, 0xffff_ffff)
+        .w(0x100, 0)
+        .w(0x400, 8)
+        .r(8)
+        .io_w(0, 1 << 26)
+        .r(0xc0);
+    // One EEPROM word bit-banged: REQ, CS, opcode 110 and address 0, 16 clocks.
+    n.w(0x10, 0x40).w(0x10, 0x42);
+    for bit in [1, 1, 0, 0, 0, 0, 0, 0, 0] {
+        let di = bit << 2;
+        n.w(0x10, 0x42 | di).w(0x10, 0x43 | di).w(0x10, 0x42 | di);
+    }
+    for _ in 0..16 {
+        n.w(0x10, 0x43).r(0x10).w(0x10, 0x42);
+    }
+    n.w(0x10, 0).w(0x14, 0x0d01).r(0x14);
+    // MDIC: PHY id and status.
+    n.w(0x20, 2 << 16 | 1 << 21 | 2 << 26).r(0x20);
+    n.w(0x20, 1 << 16 | 1 << 21 | 2 << 26).r(0x20);
+    // Receive ring: 8 descriptors at 0x1000, buffers at 0x10000 + 0x800 * i.
+    let mut ring = Vec::new();
+    for i in 0..8u64 {
+        ring.extend_from_slice(&desc16(0x10000 + 0x800 * i, 0));
+    }
+    n.mem(0x1000, &ring);
+    n.w(0x2800, 0x1000)
+        .w(0x2804, 0)
+        .w(0x2808, 128)
+        .w(0x2810, 0)
+        .w(0x2818, 7);
+    n.w(0x5000, 3 << 8).w(0x2820, 0).w(0x282c, 8).w(0xc4, 195);
+    n.w(0x100, 1 << 1 | 1 << 15);
+    // Transmit ring: 8 descriptors at 0x2000; TIDV 8, TADV 32.
+    n.w(0x3800, 0x2000)
+        .w(0x3804, 0)
+        .w(0x3808, 128)
+        .w(0x3810, 0)
+        .w(0x3818, 0);
+    n.w(0x3820, 8).w(0x382c, 32).w(0x400, 1 << 1 | 1 << 3);
+    n.w(0xd0, 0x9d).w(0xc8, 0x4);
+    n
+}
+
+fn e1000() -> Vec<(&'static str, Vec<u8>)> {
+    let init = e1000_init().0 .0;
+    let receive = {
+        let mut n = e1000_init();
+        let mut bcast = vec![0xff; 6];
+        bcast.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+        bcast.resize(42, 0);
+        let mut tcp = tcp_frame(100);
+        tcp[..6].copy_from_slice(&[0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        // A partial checksum the host left (NEEDS_CSUM at 34 + 16).
+        let partial = [1, 0, 0, 0, 0, 0, 34, 0, 16, 0];
+        n.receive([0; 10], &bcast)
+            .receive(partial, &tcp)
+            .r(0xc0)
+            .w(0x2818, 1)
+            .time(300)
+            .r(0x4074)
+            .r(0x4088)
+            .r(0x408c);
+        n.0 .0
+    };
+    let transmit = {
+        let mut n = e1000_init();
+        let frame = tcp_frame(3000);
+        n.mem(0x20000, &frame);
+        // Legacy descriptor: 60 bytes, EOP | IFCS | RS.
+        let legacy = desc16(0x20000, 60 | 0x0b << 24);
+        // Checksum context (TUCSS 34, TUCSO 50), then a data descriptor with TXSM.
+        let csum_ctx = desc16(34 << 32 | 50 << 40, 0x21 << 24);
+        let data = desc16(0x20000, 1000 | 1 << 20 | 0x2b << 24 | 2 << 40);
+        // TSO context: IPCSS 14, IPCSO 24, IPCSE 33, TUCSS 34, TUCSO 50, PAYLEN, TCP|IP|TSE,
+        // HDRLEN 54, MSS 1448; then the frame in two data descriptors with TSE.
+        let tso_ctx = desc16(
+            14 | 24 << 8 | 33 << 16 | 34 << 32 | 50 << 40,
+            3000 | 0x27 << 24 | 54 << 40 | 1448 << 48,
+        );
+        let head = desc16(0x20000, 54 | 1 << 20 | 0x24 << 24 | 3 << 40);
+        let tail = desc16(0x20000 + 54, 3000 | 1 << 20 | 0xad << 24);
+        let mut ring = Vec::new();
+        for d in [legacy, csum_ctx, data, tso_ctx, head, tail] {
+            ring.extend_from_slice(&d);
+        }
+        n.mem(0x2000, &ring)
+            .w(0x3818, 1)
+            .w(0x3818, 3)
+            .w(0x3818, 6)
+            .time(50)
+            .r(0xc0);
+        n.r(0x4080).r(0x40f8).r(0x3810);
+        n.0 .0
+    };
+    vec![
+        ("init", init),
+        ("init-receive", receive),
+        ("init-transmit-offloads", transmit),
+    ]
+}
+
+/// IDE bus master accesses (see `emulated::bmdma` for the format).
+struct Bm(InputBuilder);
+
+impl Bm {
+    fn tf(&mut self, reg: u8, v: u8) -> &mut Self {
+        self.0.u8(reg << 3).u8(v);
+        self
+    }
+    fn status(&mut self) -> &mut Self {
+        self.0.u8(1 | 7 << 3);
+        self
+    }
+    fn bm_w(&mut self, off: u8, v: u32, dword: bool) -> &mut Self {
+        self.0
+            .u8(4 | off << 3 | if dword { 0x40 } else { 0 })
+            .u32(v);
+        self
+    }
+    fn bm_r(&mut self, off: u8) -> &mut Self {
+        self.0.u8(5 | off << 3);
+        self
+    }
+    fn control(&mut self, v: u8) -> &mut Self {
+        self.0.u8(3).u8(v);
+        self
+    }
+    fn prd(&mut self, at: u32, entries: &[(u32, u32)]) -> &mut Self {
+        let mut b = Vec::new();
+        for &(addr, flags) in entries {
+            b.extend_from_slice(&addr.to_le_bytes());
+            b.extend_from_slice(&flags.to_le_bytes());
+        }
+        self.0.u8(6).u32(at).blob(&b);
+        self
+    }
+    /// What libata does for one DMA command: table, direction, status cleared, task file,
+    /// command, start; then the interrupt handler's status reads and the stop.
+    fn command(&mut self, table: u32, to_memory: bool, lba: u8, count: u8, cmd: u8) -> &mut Self {
+        let dir = if to_memory { 8 } else { 0 };
+        self.bm_w(4, table, true)
+            .bm_w(0, dir, false)
+            .bm_w(2, 6, false)
+            .tf(2, count)
+            .tf(3, lba)
+            .tf(4, 0)
+            .tf(5, 0)
+            .tf(6, 0xe0)
+            .tf(7, cmd)
+            .bm_w(0, dir | 1, false)
+            .bm_r(2)
+            .bm_w(0, dir, false)
+            .status()
+            .bm_w(2, 6, false)
+    }
+}
+
+fn bmdma() -> Vec<(&'static str, Vec<u8>)> {
+    const EOT: u32 = 1 << 31;
+    let read_write = {
+        let mut b = Bm(InputBuilder::default());
+        b.0.u8(0);
+        b.prd(0x1000, &[(0x10000, 0x400), (0x20000, 0x400 | EOT)])
+            .command(0x1000, true, 2, 4, 0xc8)
+            .prd(0x1100, &[(0x30000, EOT)])
+            .command(0x1100, false, 8, 16, 0xca)
+            .tf(1, 3)
+            .tf(2, 0x22)
+            .tf(7, 0xef)
+            .status();
+        b.0 .0
+    };
+    let errors = {
+        let mut b = Bm(InputBuilder::default());
+        b.0.u8(0);
+        // A region crossing 64 KiB, one outside memory, an early EOT, a missing one.
+        b.prd(0x1000, &[(0x1_ff00, 0x200 | EOT)])
+            .command(0x1000, true, 0, 1, 0xc8)
+            .prd(0x1000, &[(0x30_0000, 0x200 | EOT)])
+            .command(0x1000, true, 0, 1, 0xc8)
+            .prd(0x1000, &[(0x10000, 0x200 | EOT)])
+            .command(0x1000, true, 0, 2, 0xc8)
+            .control(0x04)
+            .control(0)
+            .prd(0x1000, &[(0x10000, 0x200), (0x10200, 0x200)])
+            .command(0x1000, false, 4, 1, 0x35);
+        b.0 .0
+    };
+    vec![("read-write-dma", read_write), ("prd-errors", errors)]
 }
 
 fn kernel() -> Vec<(&'static str, Vec<u8>)> {

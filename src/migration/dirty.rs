@@ -19,6 +19,10 @@
 //! - snapshot restore maps memory from a file and writes nothing;
 //! - the destination of a migration writes the pages it receives (tracking there is for a
 //!   later migration and starts clean);
+//! - the emulated bus masters (the e1000's receive buffers and descriptor write-backs, the
+//!   IDE bus master's DMA reads): through `devices::emulated::dma` and a
+//!   `GuestWriter::bus_master`, marked like the virtio writes (those devices are not in
+//!   snapshots yet, so a VM with them is not migrated either);
 //! - devices that write no guest memory: the IDE disk in PIO mode (its own sector buffer),
 //!   the NE2000 (its ring is the card's RAM), the UARTs, the i8042, the ACPI PM block, PCI
 //!   configuration space and MSI-X tables (VMM memory, not guest memory);

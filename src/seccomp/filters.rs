@@ -82,12 +82,15 @@ const COMMON: &[i64] = &[
 /// The main thread runs the event loop: epoll, the devices' eventfds and TAPs, the metrics
 /// report, kicking and joining the vCPUs, and tearing the VM down.
 const MAIN: &[i64] = &[
+    // The e1000's interrupt moderation timer, armed when a received frame starts a delay.
+    libc::SYS_timerfd_settime,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,
     libc::SYS_read,
     libc::SYS_readv,
-    // The crash report reads the kernel's symbols from the file opened at start.
+    // The crash report reads the kernel's symbols from the file opened at start; the
+    // metrics report reads KVM's per-vCPU statistics (one pread per vCPU's stats fd).
     libc::SYS_pread64,
     libc::SYS_rename,
     // Snapshots: the directory, the memory file (sparse: sized, then written at offsets),
@@ -117,7 +120,13 @@ const MAIN: &[i64] = &[
 /// A vCPU runs the guest and the device models it exits into: port and MMIO handlers
 /// write eventfds, the console outputs, the NE2000's TAP, and (`DISK_IO`) the IDE disk's
 /// image.
-const VCPU: &[i64] = &[libc::SYS_read, libc::SYS_readv];
+const VCPU: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_readv,
+    // The e1000's interrupt moderation timer, armed when a register write (TDT, IMS, ITR)
+    // starts or moves a delay.
+    libc::SYS_timerfd_settime,
+];
 
 /// Reading, writing and flushing a disk image: the virtio-blk I/O threads' whole job, and
 /// the IDE disk's on the vCPUs. Their irqfd writes are in `COMMON`.

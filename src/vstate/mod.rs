@@ -2,6 +2,7 @@
 
 pub mod coalesced;
 pub mod memory;
+pub mod stats;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

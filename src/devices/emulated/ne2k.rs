@@ -16,6 +16,8 @@ use log::{debug, warn};
 
 use std::sync::Arc;
 
+pub use super::nic_tap::{FrameSink, RxOutcome};
+use super::nic_tap::{TapReceiver, VnetHdr};
 use super::Signal;
 use crate::devices::metrics::DeviceMetrics;
 use crate::devices::pci::{PciConfig, PciDevice};
@@ -81,22 +83,6 @@ pub fn register_name(offset: u64) -> &'static str {
         0x18..=RESET_PORT => "reset",
         _ => "",
     }
-}
-
-/// Where transmitted frames go (the TAP in the VMM).
-pub trait FrameSink: Send {
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
-}
-
-/// What became of a frame offered to the NIC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RxOutcome {
-    /// Written into the receive ring.
-    Accepted,
-    /// Not for us (address filter), or the receiver is stopped: dropped as hardware does.
-    Dropped,
-    /// The ring is full: keep the frame and offer it again after `rx_space` fires.
-    NoSpace,
 }
 
 /// Traffic and event counts for accounting.
@@ -410,7 +396,8 @@ impl Ne2k {
         // A 4-byte slack for an FCS the driver may count is not sent.
         let frame_len = len.min(MAX_FRAME);
         let frame = self.mem[start..start + frame_len].to_vec();
-        match self.sink.send(&frame) {
+        // Zero header: the NE2000 knows no offloads.
+        match self.sink.send(&VnetHdr::default(), &frame) {
             Ok(()) => {
                 self.counters.tx_frames += 1;
                 self.counters.tx_bytes += frame_len as u64;
@@ -630,6 +617,12 @@ fn multicast_bit(addr: &[u8]) -> usize {
     (crc >> 26) as usize
 }
 
+impl TapReceiver for Ne2k {
+    fn receive_from_tap(&mut self, _hdr: &VnetHdr, frame: &[u8]) -> RxOutcome {
+        self.receive(frame)
+    }
+}
+
 impl PciDevice for Ne2k {
     fn config(&self) -> &PciConfig {
         &self.config
@@ -682,7 +675,7 @@ mod tests {
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<Vec<u8>>>>);
     impl FrameSink for Sink {
-        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        fn send(&mut self, _hdr: &VnetHdr, frame: &[u8]) -> std::io::Result<()> {
             self.0.lock().unwrap().push(frame.to_vec());
             Ok(())
         }

@@ -238,8 +238,9 @@ impl BusDevice for PciWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match self.decode.find(self.space, self.base + offset, data.len()) {
             Some((d, off)) => {
-                self.last = d.metrics.clone();
-                lock(&d.dev).bar_read(d.bar, off, data);
+                let mut dev = lock(&d.dev);
+                dev.bar_read(d.bar, off, data);
+                self.last = dev.bar_metrics(d.bar, off).or_else(|| d.metrics.clone());
             }
             None => {
                 self.last = None;
@@ -251,8 +252,9 @@ impl BusDevice for PciWindow {
     fn write(&mut self, offset: u64, data: &[u8]) {
         match self.decode.find(self.space, self.base + offset, data.len()) {
             Some((d, off)) => {
-                self.last = d.metrics.clone();
-                lock(&d.dev).bar_write(d.bar, off, data);
+                let mut dev = lock(&d.dev);
+                dev.bar_write(d.bar, off, data);
+                self.last = dev.bar_metrics(d.bar, off).or_else(|| d.metrics.clone());
             }
             None => self.last = None,
         }

@@ -3,6 +3,10 @@
 //! read-only bits read-only. Pure data: a device model embeds one and the bus reads and
 //! writes it through `PciDevice`.
 
+use std::sync::Arc;
+
+use crate::devices::metrics::DeviceMetrics;
+
 /// Configuration space size of a conventional PCI function.
 pub const CONFIG_SIZE: usize = 256;
 pub const REG_VENDOR_ID: usize = 0x00;
@@ -324,6 +328,12 @@ pub trait PciDevice: Send {
         data.fill(0xff);
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+    /// The counters an access to BAR `bar` at `offset` is charged to, when not the
+    /// function's own (one function serving several devices, as the PIIX bus master
+    /// registers serve two IDE channels).
+    fn bar_metrics(&self, _bar: usize, _offset: u64) -> Option<Arc<DeviceMetrics>> {
+        None
+    }
 }
 
 /// A function with nothing but configuration space (bridges).

@@ -24,9 +24,14 @@
 //!   transmit completions (used length 0); notification suppression of both queues.
 //! - virtio-console (`console.rs`): host input copied into receive buffers; completions of
 //!   both queues; notification suppression.
+//! - the emulated bus masters, through `devices::emulated::dma` with a
+//!   [`GuestWriter::bus_master`] each and [`ChainWrites::buffers`] for what one transfer may
+//!   write: the e1000's received frames (into the buffers its receive descriptors give) and
+//!   its descriptor write-backs (inside the ring), and the IDE bus master's DMA reads
+//!   (`preadv` into the regions of the PRD table).
 //!
-//! What writes no guest memory, and so needs no guard: the IDE disk (PIO through its own
-//! sector buffer: `read_at`/`write_at` on host buffers), the NE2000 (its receive ring is the
+//! What writes no guest memory, and so needs no guard: the IDE disk in PIO mode (through its
+//! own sector buffer: `read_at`/`write_at` on host buffers), the NE2000 (its receive ring is the
 //! card's own 16 KiB buffer, reached by the driver through the remote DMA data port), the
 //! UARTs, the i8042 and PCI configuration space. The boot-time writes (kernel, initrd, zero
 //! page, command line, MP table, GDT and page tables) happen before any vCPU runs.
@@ -151,6 +156,17 @@ impl ChainWrites {
         }
     }
 
+    /// What one transfer of an emulated bus master may write: the guest ranges (address,
+    /// length) its descriptors give (receive buffers, a descriptor ring, PRD regions).
+    pub fn buffers(ranges: &[(u64, u64)]) -> Self {
+        let writable = if guard_on() {
+            ranges.iter().map(|&(addr, len)| span(addr, len)).collect()
+        } else {
+            Vec::new()
+        };
+        Self { head: 0, writable }
+    }
+
     /// The descriptor index the chain starts at, which its used entry names.
     pub fn head(&self) -> u16 {
         self.head
@@ -185,6 +201,18 @@ impl GuestWriter {
                 queue.used_ring(),
                 USED_HEADER_LEN + USED_ELEM_LEN * size + 2,
             ),
+        }
+    }
+
+    /// The writer of an emulated bus master (an e1000, an IDE channel), `device` as the
+    /// guest knows it: no queue and no used ring, every write it makes is a buffer write of
+    /// a [`ChainWrites::buffers`].
+    pub fn bus_master(mem: GuestMemoryMmap, device: &str) -> Self {
+        Self {
+            mem,
+            device: device.into(),
+            queue: 0,
+            used: 0..0,
         }
     }
 
