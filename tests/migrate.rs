@@ -263,7 +263,8 @@ fn migrate_working_guest(tag: &str, tap_n: u8, extra: &[&str], shared: bool) -> 
         dst.wait_for("stream-done-42", Duration::from_secs(600));
     }
     let after = shutdown(&dst_sock, dst);
-    let both = format!("{}\n{}", before.stdout, after.stdout);
+    // Concatenated as printed: a line the switch cut is whole again.
+    let both = format!("{}{}", before.stdout, after.stdout);
     let dump = format!(
         "--- source ---\n{}\n--- destination ---\n{}",
         before.dump(),
@@ -473,7 +474,16 @@ fn bad_peers_get_errors_on_both_sides_and_the_source_is_unharmed() {
     while !mig.exists() && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut s = std::os::unix::net::UnixStream::connect(&mig).unwrap();
+    // The socket file appears a moment before the destination listens on it.
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(&mig) {
+            Ok(s) => break s,
+            Err(_) if t.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("cannot reach the destination: {e}"),
+        }
+    };
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut answer = Vec::new();
     let _ = s.read_to_end(&mut answer);

@@ -160,7 +160,8 @@ fn a_restored_guest_goes_on_counting_writing_and_streaming() {
     let after = running.finish(Duration::from_secs(60));
     assert_eq!(after.code, Some(0), "{}", after.dump());
 
-    let both = format!("{}\n{}", before.stdout, after.stdout);
+    // Concatenated as printed: a line the switch cut is whole again.
+    let both = format!("{}{}", before.stdout, after.stdout);
     let dump = format!(
         "--- before ---\n{}\n--- after ---\n{}",
         before.dump(),
@@ -213,7 +214,8 @@ fn three_restore_and_snapshot_cycles_in_a_row() {
             &dir.join(&format!("snap{cycle}")),
         ));
     }
-    let all: String = outputs.iter().map(|o| o.stdout.clone() + "\n").collect();
+    // Concatenated as printed: a line a snapshot cut is whole again.
+    let all: String = outputs.iter().map(|o| o.stdout.clone()).collect();
     let dump: String = outputs.iter().map(Output::dump).collect();
     assert_consecutive(&numbers(&all, "ack"), "ack across 3 restores", &dump);
     assert_records(&img.0, *numbers(&all, "ack").last().unwrap());

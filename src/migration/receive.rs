@@ -23,8 +23,9 @@ use crate::vstate::memory::{
     create_guest_memory_with, map_file_memory, ram_ranges, GuestMemoryMmap, MemoryBacking,
 };
 
-/// How long the source may stay silent between frames.
-const SOURCE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the source may stay silent between frames (it pauses the VM and takes its
+/// state; in test mode it hashes all of RAM).
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What the source sent first.
 #[derive(Deserialize)]

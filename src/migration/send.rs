@@ -34,8 +34,12 @@ use crate::config::VmConfig;
 use crate::persist::{MemoryRegion, Snapshot};
 use crate::vstate::memory::GuestMemoryMmap;
 
-/// How long the destination may take to answer, and a blocked write to go through.
-const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination may take to answer (it builds the VM; in test mode it hashes
+/// all of RAM), and a blocked write to go through.
+const PEER_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a destination that is not listening yet (its socket not there, or refusing)
+/// is tried again: both ends are often started together.
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the thread waits for the event loop during the switch-over.
 const MAIN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -227,15 +231,28 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn connect(to: &Address) -> Result<Conn, MigrationError> {
-    let err = |e| MigrationError::Connect(to.clone(), e);
-    Ok(match to {
-        Address::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(err)?),
-        Address::Tcp(a) => {
-            let s = TcpStream::connect_timeout(a, CONNECT_TIMEOUT).map_err(err)?;
-            let _ = s.set_nodelay(true);
-            Conn::Tcp(s)
+    let t0 = Instant::now();
+    loop {
+        let attempt = match to {
+            Address::Unix(p) => UnixStream::connect(p).map(Conn::Unix),
+            Address::Tcp(a) => TcpStream::connect_timeout(a, CONNECT_TIMEOUT).map(|s| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+        };
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) && t0.elapsed() < CONNECT_RETRY =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(MigrationError::Connect(to.clone(), e)),
         }
-    })
+    }
 }
 
 fn run(mut job: Job, link: &Link) {
