@@ -468,6 +468,8 @@ fn a_virtiofsd_that_dies_makes_requests_fail_and_the_vm_goes_on() {
     std::fs::write(dir.join("b"), "second\n").unwrap();
     let socks = socket_dir();
     let sock = socks.join("fs.sock");
+    // QEMU's C virtiofsd (Debian bookworm's qemu-system-common, in scripts/setup's list)
+    // or the Rust one where a distribution ships it instead (trixie: /usr/libexec).
     let qemu = Path::new("/usr/lib/qemu/virtiofsd");
     let mut cmd = if qemu.exists() {
         let mut c = Command::new(qemu);
@@ -479,7 +481,7 @@ fn a_virtiofsd_that_dies_makes_requests_fail_and_the_vm_goes_on() {
         ]);
         c
     } else {
-        let mut c = Command::new("virtiofsd");
+        let mut c = Command::new(Path::new("/usr/libexec/virtiofsd"));
         c.arg(format!("--shared-dir={}", dir.display()))
             .arg("--sandbox=chroot");
         c
@@ -489,7 +491,9 @@ fn a_virtiofsd_that_dies_makes_requests_fail_and_the_vm_goes_on() {
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start a virtiofsd (QEMU's /usr/lib/qemu/virtiofsd or the Rust one on PATH)");
+        .expect(
+            "start a virtiofsd (QEMU's /usr/lib/qemu/virtiofsd or the Rust one in /usr/libexec)",
+        );
     let mut vm = common::Vm::guest_running(
         "mkdir /mnt; mount -t virtiofs u /mnt; cat /mnt/a; echo read-$((6*7)); sleep 10; \
          cat /mnt/b || echo second-read-$((6*7))-failed",
