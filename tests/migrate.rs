@@ -1,11 +1,11 @@
 //! Live migration between two ferrovm processes. The guest keeps working the whole time:
-//! it counts on its serial console, appends numbered, flushed records to a virtio-blk disk,
-//! keeps a TCP stream going through virtio-net, and rewrites a 64 MiB buffer in a loop; it
-//! must come through with no gap and no repeat in the counter, every acknowledged record
-//! intact and the stream complete. Copying over a Unix socket (with the RAM hash check of
-//! both sides), local mode (memory and TAP handed over), the hash check catching the writes
-//! lost without the VMM's dirty bitmap, a destination killed halfway, bad peers. Every test
-//! boots the project's guest.
+//! it counts on its serial console, appends numbered, flushed records to a virtio-blk disk
+//! and an IDE disk, keeps a TCP stream going through virtio-net, and rewrites a 64 MiB
+//! buffer in a loop; it must come through with no gap and no repeat in the counter, every
+//! acknowledged record intact and the stream complete. Copying over a Unix socket (with the
+//! RAM hash check of both sides), local mode (memory and TAP handed over), the hash check
+//! catching the writes lost without the VMM's dirty bitmap, a destination killed halfway
+//! (over TCP), bad peers. Every test boots the project's guest.
 
 mod common;
 
@@ -25,7 +25,7 @@ const MEMORY_MIB: &str = "256";
 
 /// The guest's workload as one `eval` word: `extra` first, a 64 MiB buffer rewritten in a
 /// loop when `dirty`, then the counter with records (record i to sector i of /dev/vda with
-/// O_DIRECT and fsync, then `ack=i`).
+/// O_DIRECT and fsync, and to the IDE disk /dev/sda when there is one, then `ack=i`).
 fn workload(extra: &str, dirty: bool) -> String {
     let dirtier = if dirty {
         "(while true; do tr '\\\\0' a </dev/zero | dd of=/dirty bs=1M count=64 iflag=fullblock conv=notrunc 2>/dev/null; done &);"
@@ -35,6 +35,7 @@ fn workload(extra: &str, dirty: bool) -> String {
     format!(
         "{CMDLINE} -- eval \"{extra} {dirtier} i=0; while true; do echo count=\\$i; \
          printf 'rec %08d' \\$i | dd of=/dev/vda bs=512 seek=\\$i conv=sync,fsync oflag=direct 2>/dev/null \
+         && {{ [ ! -b /dev/sda ] || printf 'rec %08d' \\$i | dd of=/dev/sda bs=512 seek=\\$i conv=sync,fsync oflag=direct 2>/dev/null; }} \
          && echo ack=\\$i; i=\\$((i+1)); sleep 0.05; done\""
     )
 }
@@ -137,15 +138,26 @@ impl Migrate {
         }
     }
 
-    /// Waits for a line with `event`.
-    fn wait_event(&self, event: &str, timeout: Duration) -> serde_json::Value {
+    /// Waits for a line with `event` (panics with the client's stderr if none comes).
+    fn wait_event(&mut self, event: &str, timeout: Duration) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(v) if v["event"] == event => return v,
-                Ok(_) => {}
-                Err(e) => panic!("no '{event}' progress line: {e}"),
+                Ok(v) => seen.push(v),
+                Err(e) => {
+                    let _ = self.child.kill();
+                    let st = self.child.wait();
+                    let stderr =
+                        std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+                    panic!(
+                        "no '{event}' progress line ({e}); the client ended {st:?}, \
+                         printed {seen:?}, and on stderr:\n{}",
+                        stderr.join().unwrap_or_default()
+                    );
+                }
             }
         }
     }
@@ -212,6 +224,7 @@ fn migrate_working_guest(tag: &str, tap_n: u8, extra: &[&str], shared: bool) -> 
         dir.join("mig.sock"),
     );
     let img = TempFile::sparse(&format!("{tag}-disk.img"), 16 << 20);
+    let ide = TempFile::sparse(&format!("{tag}-ide.img"), 16 << 20);
     let tap = HostTap::multi_queue(tap_n);
     let port = 7300 + u16::from(tap_n);
     let receiver = stream_receiver(&tap, port);
@@ -222,6 +235,8 @@ fn migrate_working_guest(tag: &str, tap_n: u8, extra: &[&str], shared: bool) -> 
         .arg(workload(&guest_stream(&tap, port), true))
         .arg("--disk")
         .arg(&img.0)
+        .arg("--disk")
+        .arg(format!("{},model=ide", ide.0.display()))
         .arg("--net")
         .arg(tap.flag())
         .arg("--api-sock")
@@ -274,6 +289,7 @@ fn migrate_working_guest(tag: &str, tap_n: u8, extra: &[&str], shared: bool) -> 
     let acks = numbers(&both, "ack");
     assert_consecutive(&acks, "ack", &dump);
     assert_records(&img.0, *acks.last().unwrap());
+    assert_records(&ide.0, *acks.last().unwrap());
     assert_stream(&receiver.join().unwrap());
     summary
 }
@@ -401,7 +417,7 @@ fn a_destination_killed_halfway_leaves_the_source_running() {
     // Over TCP this time.
     let dst = destination("tcp:127.0.0.1:7450").spawn();
     std::thread::sleep(Duration::from_secs(1));
-    let m = Migrate::start(&src_sock, "tcp:127.0.0.1:7450", &[]);
+    let mut m = Migrate::start(&src_sock, "tcp:127.0.0.1:7450", &[]);
     m.wait_event("connected", Duration::from_secs(60));
     dst.signal(9);
     let (code, lines, stderr) = m.finish();

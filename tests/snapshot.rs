@@ -1,9 +1,9 @@
 //! The control socket, pause/resume, snapshots and restore: a guest counting on its serial
-//! console, appending numbered, flushed records to a virtio-blk disk and sending a TCP
-//! stream through virtio-net is snapshotted, killed and restored, and goes on with no gap,
-//! no repeat, every acknowledged record intact and the stream complete; three restore and
-//! snapshot cycles in a row; damaged snapshots refused; the socket's errors. Every test
-//! boots the project's guest.
+//! console, appending numbered, flushed records to a virtio-blk disk and an IDE disk and
+//! sending a TCP stream through virtio-net is snapshotted, killed and restored, and goes on
+//! with no gap, no repeat, every acknowledged record intact and the stream complete; three
+//! restore and snapshot cycles in a row (the IDE disk and an e1000 NIC among the devices);
+//! damaged snapshots refused; the socket's errors. Every test boots the project's guest.
 
 mod common;
 
@@ -18,12 +18,14 @@ use common::{ferrovm_cli, LocalDir, Output, TempFile, Vm, CMDLINE};
 /// Record size on the disk (one per sector, `rec NNNNNNNN` then padding).
 const SECTOR: u64 = 512;
 
-/// The guest's workload, one `eval` word: record i written to sector i of /dev/vda with
-/// O_DIRECT and fsync, then `ack=i` on the console; `count=i` lines between.
+/// The guest's workload, one `eval` word: record i written to sector i of /dev/vda (and of
+/// the IDE disk /dev/sda when there is one) with O_DIRECT and fsync, then `ack=i` on the
+/// console; `count=i` lines between.
 fn workload(extra: &str) -> String {
     format!(
         "{CMDLINE} -- eval \"{extra} i=0; while true; do echo count=\\$i; \
          printf 'rec %08d' \\$i | dd of=/dev/vda bs=512 seek=\\$i conv=sync,fsync oflag=direct 2>/dev/null \
+         && {{ [ ! -b /dev/sda ] || printf 'rec %08d' \\$i | dd of=/dev/sda bs=512 seek=\\$i conv=sync,fsync oflag=direct 2>/dev/null; }} \
          && echo ack=\\$i; i=\\$((i+1)); sleep 0.05; done\""
     )
 }
@@ -113,6 +115,7 @@ fn a_restored_guest_goes_on_counting_writing_and_streaming() {
     let sock2 = dir.join("api2.sock");
     let snap = dir.join("snap");
     let img = TempFile::sparse("snap-disk.img", 16 << 20);
+    let ide = TempFile::sparse("snap-ide.img", 16 << 20);
     let tap = HostTap::new(60);
     // The host end of the TCP stream: 3000 numbered lines the guest sends slowly, so that
     // the snapshot, the kill and the restore happen in the middle of it.
@@ -135,6 +138,8 @@ fn a_restored_guest_goes_on_counting_writing_and_streaming() {
         .arg(workload(&stream))
         .arg("--disk")
         .arg(&img.0)
+        .arg("--disk")
+        .arg(format!("{},model=ide", ide.0.display()))
         .arg("--net")
         .arg(tap.flag())
         .arg("--api-sock")
@@ -143,8 +148,9 @@ fn a_restored_guest_goes_on_counting_writing_and_streaming() {
     wait_ack(&mut running, 15);
     let before = snapshot_and_kill(running, &sock, &snap);
     let acked_before = *numbers(&before.stdout, "ack").last().unwrap();
-    // SIGKILLed after the snapshot: everything acknowledged is in the file.
+    // SIGKILLed after the snapshot: everything acknowledged is in the files.
     assert_records(&img.0, acked_before);
+    assert_records(&ide.0, acked_before);
 
     let mut restored = Vm::restore(&snap);
     restored.arg("--api-sock").arg(&sock2);
@@ -171,6 +177,7 @@ fn a_restored_guest_goes_on_counting_writing_and_streaming() {
     let acks = numbers(&both, "ack");
     assert_consecutive(&acks, "ack", &dump);
     assert_records(&img.0, *acks.last().unwrap());
+    assert_records(&ide.0, *acks.last().unwrap());
     // The stream: every line, in order, nothing lost or doubled across the restore.
     let got = receiver.join().unwrap();
     let lines: Vec<u64> = got
@@ -188,12 +195,24 @@ fn three_restore_and_snapshot_cycles_in_a_row() {
     sandboxed!();
     let dir = LocalDir::new("cycles");
     let img = TempFile::sparse("cycles-disk.img", 16 << 20);
+    let ide = TempFile::sparse("cycles-ide.img", 16 << 20);
     let sock = dir.join("api0.sock");
+    // An e1000 the guest pings the host through, every 0.3 s: `pong=k` each time a reply came.
+    let tap = HostTap::new(61);
+    let pinger = format!(
+        "{} && (k=0; while true; do ping -c 1 -W 2 {} >/dev/null && echo pong=\\$k; k=\\$((k+1)); sleep 0.3; done) &",
+        tap.guest_setup("eth0"),
+        tap.host_ip()
+    );
     let mut vm = Vm::guest();
     vm.arg("--cmdline")
-        .arg(workload(""))
+        .arg(workload(&pinger))
         .arg("--disk")
         .arg(&img.0)
+        .arg("--disk")
+        .arg(format!("{},model=ide", ide.0.display()))
+        .arg("--net")
+        .arg(format!("{},model=e1000", tap.flag()))
         .arg("--api-sock")
         .arg(&sock);
     let mut running = vm.spawn_until("ack=0", Duration::from_secs(400));
@@ -208,6 +227,17 @@ fn three_restore_and_snapshot_cycles_in_a_row() {
         restored.arg("--api-sock").arg(&sock);
         let mut running = restored.spawn();
         wait_ack(&mut running, last + 5);
+        // The e1000 answers after the restore: a ping after this restore's first ack.
+        let pongs = numbers(&running.seen_text(), "pong").len();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while numbers(&running.seen_text(), "pong").len() < pongs + 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no ping through the e1000 after restore {cycle}:\n{}",
+                running.seen_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         outputs.push(snapshot_and_kill(
             running,
             &sock,
@@ -219,6 +249,7 @@ fn three_restore_and_snapshot_cycles_in_a_row() {
     let dump: String = outputs.iter().map(Output::dump).collect();
     assert_consecutive(&numbers(&all, "ack"), "ack across 3 restores", &dump);
     assert_records(&img.0, *numbers(&all, "ack").last().unwrap());
+    assert_records(&ide.0, *numbers(&all, "ack").last().unwrap());
 }
 
 /// Boots a guest, snapshots it paused, and stops it; returns the snapshot.
@@ -304,8 +335,6 @@ fn the_socket_answers_bad_requests_with_errors_and_the_vm_stays_up() {
     vm.arg("--cmdline")
         .arg(workload(""))
         .arg("--disk")
-        .arg(format!("{},model=ide", img.0.display()))
-        .arg("--disk")
         .arg(&img.0)
         .arg("--api-sock")
         .arg(&sock);
@@ -339,12 +368,18 @@ fn the_socket_answers_bad_requests_with_errors_and_the_vm_stays_up() {
         String::from_utf8_lossy(&out.stderr).contains("already paused"),
         "{out:?}"
     );
-    // This VM has an IDE disk, whose state snapshots do not carry yet: refused, by name.
-    let out = client(&sock, &["snapshot", dir.join("s").to_str().unwrap()]);
+    // A directory that holds something already: refused, by name, and left alone.
+    let busy = dir.join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    std::fs::write(busy.join("keep"), b"mine").unwrap();
+    let out = client(&sock, &["snapshot", busy.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("ide0"),
+        err.contains("busy") && err.contains("already holds"),
         "{out:?}"
     );
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
     ok(&client(&sock, &["resume"]));
     // Still running and counting.
     let n = 3;

@@ -360,7 +360,7 @@ impl DeviceManager {
                 )
                 .map_err(|e| DeviceError::Bus("IDE control block", e))?;
             bm_channels[i] = Some(piix::BmChannel {
-                regs: Arc::new(Mutex::new(BusMasterBlock(channel))),
+                regs: Arc::new(Mutex::new(BusMasterBlock(channel.clone()))),
                 metrics: Some(metrics),
             });
             let (data, len) = ide::COALESCED_DATA_PORT;
@@ -368,7 +368,7 @@ impl DeviceManager {
                 Ok(()) => self.coalesced_pio = true,
                 Err(e) => warn!("{name}: data port writes will each exit: {e}"),
             }
-            self.no_persist.push(format!("the IDE channel {name}"));
+            self.persist(name, channel.clone());
             info!(
                 "{name}: IDE channel at {port:#x}/{ctl:#x}, IRQ {irq}, bus master at {bm_regs:#x}"
             );
@@ -515,9 +515,7 @@ impl DeviceManager {
             Arc::new(Mutex::new(rx)),
             metrics.clone(),
         ))));
-        // Its rings, contexts and timers are not in snapshots yet: a snapshot or migration
-        // of a VM with an e1000 is refused, naming it.
-        self.no_persist.push(format!("the e1000 NIC {name}"));
+        self.persist(name, nic.clone());
         let timer = E1000Timer::new(nic, timer_fd);
         event_manager.add_subscriber(Arc::new(Mutex::new(Metered::new(
             Arc::new(Mutex::new(timer)),

@@ -170,7 +170,9 @@ impl crate::devices::Persist for PciBus {
                     "PCI function {slot:02x}.{func} where {s:02x}.{f} is"
                 ));
             }
-            lock(dev).config_mut().set_raw(bytes)?;
+            let mut dev = lock(dev);
+            dev.config_mut().set_raw(bytes)?;
+            dev.config_restored();
         }
         self.address = st.address;
         self.refresh_decode();

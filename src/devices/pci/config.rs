@@ -334,6 +334,9 @@ pub trait PciDevice: Send {
     fn bar_metrics(&self, _bar: usize, _offset: u64) -> Option<Arc<DeviceMetrics>> {
         None
     }
+    /// The configuration space was put back from a snapshot: state derived from it (the
+    /// PIIX's bus master enable) follows.
+    fn config_restored(&mut self) {}
 }
 
 /// A function with nothing but configuration space (bridges).

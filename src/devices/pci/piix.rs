@@ -116,6 +116,11 @@ impl PciDevice for PiixIde {
         self.bus_master.store(on, Ordering::Relaxed);
     }
 
+    fn config_restored(&mut self) {
+        let on = self.config.command() & COMMAND_BUS_MASTER != 0;
+        self.bus_master.store(on, Ordering::Relaxed);
+    }
+
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match self.channel(bar, offset) {
             Some(ch) => lock(&ch.regs).read(offset % BMIDE_CHANNEL, data),

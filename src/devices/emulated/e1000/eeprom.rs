@@ -37,7 +37,7 @@ pub const EECD_PRES: u32 = 1 << 8;
 const EECD_WRITABLE: u32 = EECD_SK | EECD_CS | EECD_DI | 0x30 | EECD_REQ;
 
 /// Where the Microwire state machine is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Phase {
     /// CS high, waiting for the start bit.
     Idle,
@@ -66,7 +66,48 @@ pub struct Eeprom {
     eerd: u32,
 }
 
+/// The part's state for snapshots: the image and where a bit-banged access is.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct EepromState {
+    words: Vec<u16>,
+    eecd: u32,
+    phase: Phase,
+    data_out: bool,
+    eerd: u32,
+}
+
 impl Eeprom {
+    pub fn state(&self) -> EepromState {
+        EepromState {
+            words: self.words.to_vec(),
+            eecd: self.eecd,
+            phase: self.phase,
+            data_out: self.data_out,
+            eerd: self.eerd,
+        }
+    }
+
+    /// Puts back what `state` saved (an image of another size, or a read address past
+    /// it, is refused).
+    pub fn set_state(&mut self, st: &EepromState) -> Result<(), String> {
+        let words: [u16; WORDS] = st
+            .words
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("an EEPROM of {} words, not {WORDS}", st.words.len()))?;
+        if let Phase::Reading { addr, .. } = st.phase {
+            if addr >= WORDS {
+                return Err(format!("an EEPROM read at word {addr}"));
+            }
+        }
+        self.words = words;
+        self.eecd = st.eecd;
+        self.phase = st.phase;
+        self.data_out = st.data_out;
+        self.eerd = st.eerd;
+        Ok(())
+    }
+
     /// The image for station address `mac`, with the PCI ids of an 82540EM.
     pub fn new(mac: [u8; 6], device_id: u16, subsystem_id: u16, vendor_id: u16) -> Self {
         let mut words = [0u16; WORDS];

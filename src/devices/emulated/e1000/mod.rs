@@ -147,6 +147,108 @@ pub struct E1000Resources {
     pub irq_line: u8,
 }
 
+/// The NIC's state for snapshots: the register file, the statistics, the EEPROM and PHY,
+/// the transmit contexts and a packet being assembled, and the moderation timers with
+/// their times relative to the moment of the snapshot (the restored process's clock starts
+/// elsewhere). Receive and transmit finish inside the call that starts them, so nothing
+/// is in flight. The PCI configuration space goes with the bus.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct E1000Snapshot {
+    plain: Vec<u32>,
+    /// ctrl mdic icr ims itr rctl tctl rdlen rdh rdt rdtr radv tdlen tdh tdt tidv tadv ioaddr
+    regs: [u32; 18],
+    stats: Vec<u32>,
+    eeprom: eeprom::EepromState,
+    phy: Phy,
+    moderation: Moderation,
+    asserted: bool,
+    tx: tx::TxState,
+    rx_blocked: bool,
+}
+
+impl crate::devices::Persist for E1000 {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        crate::devices::to_state(&E1000Snapshot {
+            plain: self.plain.clone(),
+            regs: [
+                self.ctrl,
+                self.mdic,
+                self.icr,
+                self.ims,
+                self.itr,
+                self.rctl,
+                self.tctl,
+                self.rdlen,
+                self.rdh,
+                self.rdt,
+                self.rdtr,
+                self.radv,
+                self.tdlen,
+                self.tdh,
+                self.tdt,
+                self.tidv,
+                self.tadv,
+                self.ioaddr,
+            ],
+            stats: self.stats.to_vec(),
+            eeprom: self.eeprom.state(),
+            phy: self.phy.clone(),
+            moderation: self.moderation.relative_to(self.timer.now()),
+            asserted: self.asserted,
+            tx: self.tx.clone(),
+            rx_blocked: self.rx_blocked,
+        })
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let s: E1000Snapshot = crate::devices::from_state(v)?;
+        if s.plain.len() != self.plain.len() {
+            return Err(format!(
+                "an e1000 register file of {} registers, not {}",
+                s.plain.len(),
+                self.plain.len()
+            ));
+        }
+        let stats: [u32; 64] = s
+            .stats
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("{} e1000 statistics registers, not 64", s.stats.len()))?;
+        s.tx.check()?;
+        self.eeprom.set_state(&s.eeprom)?;
+        let r = s.regs;
+        (
+            self.ctrl, self.mdic, self.icr, self.ims, self.itr, self.rctl, self.tctl,
+        ) = (r[0], r[1], r[2], r[3], r[4], r[5], r[6]);
+        (
+            self.rdlen, self.rdh, self.rdt, self.rdtr, self.radv, self.tdlen,
+        ) = (r[7], r[8], r[9], r[10], r[11], r[12]);
+        (self.tdh, self.tdt, self.tidv, self.tadv, self.ioaddr) =
+            (r[13], r[14], r[15], r[16], r[17]);
+        self.plain = s.plain;
+        self.stats = stats;
+        self.phy = s.phy;
+        self.moderation = s.moderation.absolute_from(self.timer.now());
+        self.asserted = s.asserted;
+        self.tx = s.tx;
+        self.rx_blocked = s.rx_blocked;
+        // This process's timer is not armed yet.
+        self.armed = None;
+        self.sync_timer();
+        Ok(())
+    }
+
+    /// A receive the old process held back looks again for descriptors, and a raised
+    /// line is raised again (the driver reads ICR; an interrupt with nothing pending is
+    /// one it ignores).
+    fn kick(&mut self) {
+        self.rx_space.signal();
+        if self.asserted && self.icr & self.ims != 0 {
+            self.irq.signal();
+        }
+    }
+}
+
 impl E1000 {
     /// A NIC with station address `mac` (stored in its EEPROM) at `res`, doing DMA in `mem`.
     pub fn new(

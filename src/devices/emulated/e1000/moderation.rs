@@ -26,7 +26,7 @@ pub struct Fired {
 }
 
 /// The timers of one NIC.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Moderation {
     /// Minimum spacing of assertions (0: none).
     itr_ns: u64,
@@ -49,6 +49,35 @@ fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 }
 
 impl Moderation {
+    /// The timers with every time made relative to `now` (for a snapshot: another
+    /// process's clock starts elsewhere); a time already past becomes 0.
+    pub fn relative_to(&self, now: u64) -> Self {
+        let rel = |t: Option<u64>| t.map(|t| t.saturating_sub(now));
+        Self {
+            itr_ns: self.itr_ns,
+            next_allowed: self.next_allowed.saturating_sub(now),
+            throttled: self.throttled,
+            rx_delay: rel(self.rx_delay),
+            rx_abs: rel(self.rx_abs),
+            tx_delay: rel(self.tx_delay),
+            tx_abs: rel(self.tx_abs),
+        }
+    }
+
+    /// The inverse of `relative_to`: times relative to `now` made absolute again.
+    pub fn absolute_from(&self, now: u64) -> Self {
+        let abs = |t: Option<u64>| t.map(|t| t.saturating_add(now));
+        Self {
+            itr_ns: self.itr_ns,
+            next_allowed: self.next_allowed.saturating_add(now),
+            throttled: self.throttled,
+            rx_delay: abs(self.rx_delay),
+            rx_abs: abs(self.rx_abs),
+            tx_delay: abs(self.tx_delay),
+            tx_abs: abs(self.tx_abs),
+        }
+    }
+
     /// ITR was written with `interval` (in 256 ns units, bits 15:0).
     pub fn set_itr(&mut self, interval: u32) {
         self.itr_ns = u64::from(interval & 0xffff) * ITR_UNIT_NS;

@@ -76,7 +76,7 @@ pub fn insert_checksum(frame: &mut [u8], start: usize, end: usize, at: usize) ->
 
 /// A TCP/IP context descriptor (317453 table 3-11): where the IP and TCP/UDP headers and
 /// checksums are, and for segmentation the payload length, header length and MSS.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TxContext {
     pub ipcss: u8,
     pub ipcso: u8,

@@ -48,7 +48,7 @@ const EXT_STATUS_VALUE: u16 = 0x3000;
 const PSSR_VALUE: u16 = 0xac00;
 
 /// The PHY's registers.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Phy {
     regs: [u16; 32],
 }

@@ -646,6 +646,75 @@ mod tests {
         assert_eq!(h.r(ICR) & ICR_RXDMT0, ICR_RXDMT0);
     }
 
+    /// A NIC with a receive interrupt delayed, snapshotted and restored into a NIC whose
+    /// clock reads something else entirely (another process): the delay left runs on the
+    /// new clock, the ring goes on at the next descriptor, the statistics carry over.
+    #[test]
+    fn a_snapshot_carries_the_ring_the_statistics_and_the_delay_left() {
+        use crate::devices::Persist;
+        let mut h = H::new();
+        setup(&mut h, 0);
+        h.w(RDTR, 10); // 10.24 µs
+        h.w(RDT, 7);
+        h.advance(1_000_000);
+        let f = frame(MAC, 100);
+        h.nic.receive(&VnetHdr::default(), &f);
+        h.advance(4_000);
+        let state = h.nic.save().unwrap();
+        let state: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+
+        let mut g = H::new();
+        g.advance(77_000_000_000);
+        g.nic.restore(&state).unwrap();
+        assert_eq!(
+            *g.clock.armed.lock().unwrap(),
+            Some(77_000_000_000 + 10 * 1024 - 4_000),
+            "the 6.24 µs left, on the new clock"
+        );
+        assert_eq!(
+            g.nic.save().unwrap(),
+            state,
+            "what was restored saves the same"
+        );
+        assert_eq!((g.r(RDH), g.r(RDT), g.r(RDLEN)), (1, 7, N * 16));
+        assert_eq!(g.irqs(), 0, "still delayed");
+        g.fire_timer();
+        assert_eq!(g.irqs(), 1);
+        assert_eq!(g.r(ICR), ICR_RXT0);
+        g.w(RDTR, 0);
+        assert_eq!(g.nic.receive(&VnetHdr::default(), &f), RxOutcome::Accepted);
+        assert_eq!(desc(&g, 1).0 as usize, f.len() + 4, "the next descriptor");
+        assert_eq!(g.r(GPRC), 2, "both frames counted");
+        // The MAC address (EEPROM, receive address) came along.
+        assert_eq!(
+            g.r(RA),
+            u32::from_le_bytes([MAC[0], MAC[1], MAC[2], MAC[3]])
+        );
+    }
+
+    #[test]
+    fn impossible_e1000_states_are_refused() {
+        use crate::devices::Persist;
+        let mut h = H::new();
+        let good = h.nic.save().unwrap();
+        for (field, value, why) in [
+            ("plain", serde_json::json!([1, 2, 3]), "register file"),
+            ("stats", serde_json::json!([0]), "statistics"),
+        ] {
+            let mut bad = good.clone();
+            bad[field] = value;
+            let err = h.nic.restore(&bad).unwrap_err();
+            assert!(err.contains(why), "{field}: {err}");
+        }
+        let mut bad = good.clone();
+        bad["eeprom"]["words"] = serde_json::json!([0, 0, 0]);
+        assert!(h.nic.restore(&bad).unwrap_err().contains("EEPROM"));
+        let mut bad = good.clone();
+        bad["tx"]["packet"]["buf"] = serde_json::json!(vec![0u8; 0x2_0000]);
+        assert!(h.nic.restore(&bad).unwrap_err().contains("transmit packet"));
+    }
+
     #[test]
     fn a_stopped_receiver_drops() {
         let mut h = H::new();

@@ -41,7 +41,7 @@ const DTYP_CONTEXT: u8 = 0;
 const DTYP_DATA: u8 = 1;
 
 /// The packet being gathered.
-#[derive(Default)]
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Packet {
     buf: Vec<u8>,
     /// A descriptor of this packet was taken.
@@ -55,11 +55,25 @@ struct Packet {
 }
 
 /// Transmit state that outlives a packet: the contexts, and the packet in progress.
-#[derive(Default)]
+#[derive(Default, Clone, serde::Serialize, serde::Deserialize)]
 pub(super) struct TxState {
     tso: TxContext,
     csum: TxContext,
     packet: Packet,
+}
+
+impl TxState {
+    /// A restored state is one this model could have reached: a packet no longer than
+    /// the largest it assembles.
+    pub(super) fn check(&self) -> Result<(), String> {
+        if self.packet.buf.len() > MAX_PACKET {
+            return Err(format!(
+                "a transmit packet of {} bytes in progress (at most {MAX_PACKET})",
+                self.packet.buf.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl E1000 {

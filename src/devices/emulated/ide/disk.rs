@@ -12,7 +12,7 @@ use super::{LBA28_MAX, LBA48_MAX, MAX_MULTIPLE};
 use crate::devices::disk::{BlockBackend, SECTOR_SIZE};
 
 /// The transfer mode a SET FEATURES 03h selected (ATA-7 table 45, the count register).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TransferMode {
     Pio,
     MultiwordDma(u8),
@@ -35,7 +35,47 @@ pub struct AtaDisk {
     pub(super) mode: TransferMode,
 }
 
+/// What the guest set on a drive, for snapshots (the rest comes from its configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct DriveState {
+    multiple: u16,
+    mode: TransferMode,
+}
+
 impl AtaDisk {
+    pub(super) fn state(&self) -> DriveState {
+        DriveState {
+            multiple: self.multiple,
+            mode: self.mode,
+        }
+    }
+
+    /// Puts back what `state` saved; a setting this drive could not have taken is refused.
+    pub(super) fn set_state(&mut self, st: &DriveState) -> Result<(), String> {
+        if st.multiple == 0 || st.multiple > MAX_MULTIPLE || !st.multiple.is_power_of_two() {
+            return Err(format!("a READ MULTIPLE block of {} sectors", st.multiple));
+        }
+        let ok = match st.mode {
+            TransferMode::Pio => true,
+            TransferMode::MultiwordDma(m) => self.dma && m <= MAX_MWDMA,
+            TransferMode::UltraDma(m) => self.dma && m <= MAX_UDMA,
+        };
+        if !ok {
+            return Err(format!(
+                "transfer mode {:?} on a drive {}",
+                st.mode,
+                if self.dma {
+                    "offering DMA"
+                } else {
+                    "offering PIO only"
+                }
+            ));
+        }
+        self.multiple = st.multiple;
+        self.mode = st.mode;
+        Ok(())
+    }
+
     /// A disk offering PIO only; `with_dma` makes it offer DMA.
     pub fn new(backend: Box<dyn BlockBackend>, readonly: bool, serial: &str) -> Self {
         let sectors = backend.size() / SECTOR_SIZE;

@@ -111,7 +111,7 @@ const LBA48_MAX: u64 = (1 << 48) - 1;
 const FEATURE_SET_TRANSFER_MODE: u8 = 0x03;
 
 /// What a transfer in progress is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Transfer {
     None,
     /// Data-in (to the host); `lba` is the next sector to load, `left` the sectors still to
@@ -188,6 +188,115 @@ pub struct IdeChannel {
     dma: Option<Dma>,
     pub counters: IdeCounters,
     metrics: Arc<DeviceMetrics>,
+}
+
+/// A channel's state for snapshots: the task file with its HOB bytes, the command in
+/// progress and its sector buffer (a PIO transfer stopped halfway goes on where it was),
+/// the bus master registers, and per drive what the guest set (the READ/WRITE MULTIPLE
+/// block and the transfer mode). DMA runs to completion inside the register write that
+/// starts it, so none is ever in flight. The disks' contents are in their image files,
+/// which the snapshot names; the PIIX function's configuration (bus mastering among it)
+/// goes with the PCI bus.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IdeSnapshot {
+    /// feature nsect lbal lbam lbah, then their HOB bytes, device status error control
+    taskfile: [u8; 14],
+    transfer: Transfer,
+    buffer: Vec<u8>,
+    pos: usize,
+    bm_command: u8,
+    bm_status: u8,
+    bm_prd: u32,
+    /// Per drive position: present, then its settings.
+    drives: [Option<disk::DriveState>; 2],
+}
+
+impl crate::devices::Persist for IdeChannel {
+    fn save(&mut self) -> Result<serde_json::Value, String> {
+        crate::devices::to_state(&IdeSnapshot {
+            taskfile: [
+                self.feature,
+                self.nsect,
+                self.lbal,
+                self.lbam,
+                self.lbah,
+                self.hob_feature,
+                self.hob_nsect,
+                self.hob_lbal,
+                self.hob_lbam,
+                self.hob_lbah,
+                self.device,
+                self.status,
+                self.error,
+                self.control,
+            ],
+            transfer: self.transfer,
+            buffer: self.buffer.clone(),
+            pos: self.pos,
+            bm_command: self.bm.command,
+            bm_status: self.bm.status,
+            bm_prd: self.bm.prd,
+            drives: [
+                self.drives[0].as_ref().map(AtaDisk::state),
+                self.drives[1].as_ref().map(AtaDisk::state),
+            ],
+        })
+    }
+
+    fn restore(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        let s: IdeSnapshot = crate::devices::from_state(v)?;
+        for (i, (mine, theirs)) in self.drives.iter().zip(&s.drives).enumerate() {
+            if mine.is_some() != theirs.is_some() {
+                return Err(format!(
+                    "the snapshot has {} drive {i} on this channel, this VM {}",
+                    if theirs.is_some() { "a" } else { "no" },
+                    if mine.is_some() { "has one" } else { "none" }
+                ));
+            }
+        }
+        // A buffer longer than any transfer, or a position past it, would have the data
+        // port read outside it.
+        let max = usize::from(MAX_MULTIPLE) * SECTOR_SIZE as usize;
+        if s.buffer.len() > max || s.pos > s.buffer.len() {
+            return Err(format!(
+                "an IDE sector buffer of {} bytes at position {} (at most {max})",
+                s.buffer.len(),
+                s.pos
+            ));
+        }
+        if let Transfer::ReadSectors { block, .. } | Transfer::WriteSectors { block, .. } =
+            s.transfer
+        {
+            if block == 0 || block > u64::from(MAX_MULTIPLE) {
+                return Err(format!("an IDE transfer of {block} sectors per block"));
+            }
+        }
+        let t = s.taskfile;
+        (self.feature, self.nsect, self.lbal, self.lbam, self.lbah) =
+            (t[0], t[1], t[2], t[3], t[4]);
+        (
+            self.hob_feature,
+            self.hob_nsect,
+            self.hob_lbal,
+            self.hob_lbam,
+            self.hob_lbah,
+        ) = (t[5], t[6], t[7], t[8], t[9]);
+        (self.device, self.status, self.error, self.control) = (t[10], t[11], t[12], t[13]);
+        self.transfer = s.transfer;
+        self.buffer = s.buffer;
+        self.pos = s.pos;
+        self.bm = BusMaster {
+            command: s.bm_command,
+            status: s.bm_status,
+            prd: s.bm_prd,
+        };
+        for (d, st) in self.drives.iter_mut().zip(&s.drives) {
+            if let (Some(d), Some(st)) = (d, st) {
+                d.set_state(st)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl IdeChannel {
@@ -1204,6 +1313,78 @@ pub(crate) mod tests {
         }
         assert_eq!(&got[..], &disk.data.lock().unwrap()[100 * 512..120 * 512]);
         assert_eq!(irqs.load(Ordering::SeqCst), 2, "16 sectors then 4");
+    }
+
+    /// A READ MULTIPLE EXT stopped in the middle of its first block, snapshotted, and
+    /// restored into a new channel on the same disk: the rest of the data comes out of the
+    /// new one, with the block size the guest set and the same interrupts.
+    #[test]
+    fn a_snapshot_taken_halfway_through_a_pio_read_goes_on_in_a_new_channel() {
+        use crate::devices::Persist;
+        let (mut ch, disk, irqs) = channel(false);
+        wr(&mut ch, REG_NSECT, 8);
+        wr(&mut ch, REG_STATUS_COMMAND, CMD_SET_MULTIPLE);
+        lba48_cmd(&mut ch, 100, 20, CMD_READ_MULTIPLE_EXT);
+        let mut got = read_words(&mut ch, 3 * 256 + 17);
+        let state = ch.save().unwrap();
+        // Through JSON, as a snapshot file holds it.
+        let state: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        let irq2 = CountIrq::default();
+        let mut restored = IdeChannel::new(
+            Some(AtaDisk::new(Box::new(disk.clone()), false, "SER-1")),
+            None,
+            Box::new(irq2.clone()),
+        );
+        restored.restore(&state).unwrap();
+        assert_eq!(
+            restored.save().unwrap(),
+            state,
+            "what was restored saves the same"
+        );
+        got.extend(read_words(&mut restored, (20 * 256) - (3 * 256 + 17)));
+        assert_eq!(&got[..], &disk.data.lock().unwrap()[100 * 512..120 * 512]);
+        assert_eq!(
+            irqs.load(Ordering::SeqCst),
+            2,
+            "SET MULTIPLE, the first block"
+        );
+        assert_eq!(
+            irq2.0.load(Ordering::SeqCst),
+            2,
+            "blocks 2 and 3 (8 + 4 sectors) on the new channel"
+        );
+        assert_eq!(rd(&mut restored, REG_STATUS_COMMAND) & ST_DRQ, 0, "done");
+    }
+
+    #[test]
+    fn snapshots_of_another_channel_or_impossible_states_are_refused() {
+        use crate::devices::Persist;
+        let (mut ch, disk, _) = channel(false);
+        let good = ch.save().unwrap();
+        // The same channel with a slave drive it does not have.
+        let mut two = IdeChannel::new(
+            Some(AtaDisk::new(Box::new(disk.clone()), false, "SER-1")),
+            Some(AtaDisk::new(Box::new(disk.clone()), false, "SER-2")),
+            Box::new(CountIrq::default()),
+        );
+        let err = two.restore(&good).unwrap_err();
+        assert!(err.contains("drive 1"), "{err}");
+        let mut bad = good.clone();
+        bad["pos"] = serde_json::json!(10);
+        let err = ch.restore(&bad).unwrap_err();
+        assert!(err.contains("sector buffer"), "{err}");
+        let mut bad = good.clone();
+        bad["transfer"] =
+            serde_json::json!({"ReadSectors": {"lba": 0, "left": 1, "block": 1000000}});
+        let err = ch.restore(&bad).unwrap_err();
+        assert!(err.contains("sectors per block"), "{err}");
+        // A DMA mode on a PIO-only drive.
+        let mut bad = good.clone();
+        bad["drives"][0] = serde_json::json!({"multiple": 16, "mode": {"UltraDma": 5}});
+        let err = ch.restore(&bad).unwrap_err();
+        assert!(err.contains("PIO only"), "{err}");
+        assert!(ch.restore(&serde_json::json!({"x": 1})).is_err());
     }
 
     #[test]
