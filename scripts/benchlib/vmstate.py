@@ -406,7 +406,7 @@ class Migrate:
         remove(self.mig, self.sock, self.sock2, self.qmp, self.qmp2)
 
     def estimate(self, subject):
-        per_case = 40 if nested() else 5
+        per_case = 25 if nested() else 5
         return per_case * len(self.CASES)
 
     def describe(self):
