@@ -305,36 +305,45 @@ class Snapshot:
 # Migrate: live migration between two VMM processes, ferrovm and QEMU
 # ---------------------------------------------------------------------------------------
 class Qmp:
-    """A minimal QMP client on a Unix socket: the greeting, qmp_capabilities, commands."""
+    """A minimal QMP client on a Unix socket: the greeting, qmp_capabilities, commands. A
+    socket error (QEMU gone) is a GuestError with QEMU's console and stderr."""
 
     def __init__(self, path, timeout, console):
         wait_path(path, timeout, console)
+        self.console = console
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(60)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rwb")
-        self._read()  # the greeting
+        try:
+            self.sock.connect(path)
+            self.f = self.sock.makefile("rwb")
+            self._read()  # the greeting
+        except OSError as e:
+            raise GuestError(console.failure(f"QMP: {e}")) from None
         self.cmd("qmp_capabilities")
 
     def _read(self):
         line = self.f.readline()
         if not line:
-            raise GuestError("QMP: QEMU closed the socket")
+            raise GuestError(self.console.failure("QMP: QEMU closed the socket"))
         return json.loads(line)
 
     def cmd(self, name, args=None):
         msg = {"execute": name}
         if args:
             msg["arguments"] = args
-        self.f.write(json.dumps(msg).encode() + b"\n")
-        self.f.flush()
-        while True:
-            r = self._read()
-            if "event" in r:
-                continue
-            if "error" in r:
-                raise GuestError(f"QMP {name}: {r['error']}")
-            return r.get("return")
+        try:
+            self.f.write(json.dumps(msg).encode() + b"\n")
+            self.f.flush()
+            while True:
+                r = self._read()
+                if "event" in r:
+                    continue
+                if "error" in r:
+                    raise GuestError(f"QMP {name}: {r['error']}")
+                return r.get("return")
+        except (OSError, ValueError) as e:
+            self.console.exited(5)
+            raise GuestError(self.console.failure(f"QMP {name}: {e}")) from None
 
     def close(self):
         try:
@@ -559,7 +568,10 @@ class Migrate:
             total_s = time.monotonic() - t0
             if st["status"] != "completed":
                 raise GuestError(dst.failure(f"QEMU's migration ended {st['status']}: {json.dumps(st)[:800]}"))
-            qmp.cmd("quit")
+            try:
+                qmp.cmd("quit")
+            except GuestError:
+                pass  # QEMU may close the socket before it answers
             src.exited(30)
             src.finish()
             last_src = src.counts()[-1][1]
