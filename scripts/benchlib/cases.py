@@ -1,6 +1,6 @@
-"""The benchmark matrix: per class (boot, block, net, stream) its subjects (the host
-baseline, a container, ferrovm's device models, QEMU's), how one run of each goes and the
-figures it yields.
+"""The benchmark matrix: per class (boot, block, net, stream, exec; snapshot and migrate are
+in vmstate.py) its subjects (the host baseline, a container, ferrovm's device models,
+QEMU's), how one run of each goes and the figures it yields.
 
 A subject is a dict: name, label, kind (host | container | ferrovm | qemu), model (the
 device model: virtio, ide (bus-master DMA), ide-pio, ne2k, e1000, uart, virtio-console) and,
@@ -14,16 +14,9 @@ import time
 
 from . import vms
 from .common import (READY, GuestError, Unavailable, describe_failure, features, fs_type,
-                     guest_command, guest_features_cmd, guest_section, log, parse_json,
+                     guest_command, guest_features_cmd, guest_section, kvm_hw, log, parse_json,
                      percentile, ping_times, run_process, scratch_dir, sh, sh_quiet, sections)
-
-
-def kvm_hw():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"^flags\s*:.*\b(vmx|svm)\b", f.read(), re.M) is not None
-    except OSError:
-        return False
+from .vmstate import Migrate, Snapshot
 
 
 def ferro(model, label, peer, transport=None):
@@ -142,6 +135,7 @@ def guest_rss_kib(pid, mem_mib):
 
 class Boot:
     name = "boot"
+    bench_initramfs = False  # the test initramfs
     MEM_MIB = 256
     FIGURES = [("boot_s", "boot to userspace", "s", "lower")]
     SUBJECTS = [ferro("boot", "ferrovm", "qemu-microvm"),
@@ -821,4 +815,5 @@ def vcpus(n):
     return f"{n} vCPU" + ("s" if n != 1 else "")
 
 
-CLASSES = {"boot": Boot, "block": Block, "net": Net, "stream": Stream, "exec": Exec}
+CLASSES = {"boot": Boot, "block": Block, "net": Net, "stream": Stream, "exec": Exec,
+           "snapshot": Snapshot, "migrate": Migrate}

@@ -16,6 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 READY = "ferrovm-guest: userspace ready"
 
 
+def kvm_hw():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"^flags\s*:.*\b(vmx|svm)\b", f.read(), re.M) is not None
+    except OSError:
+        return False
+
+
 def log(msg):
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 

@@ -130,8 +130,8 @@ def main():
     ap = argparse.ArgumentParser(description=doc.split("\n", 1)[0], epilog=doc.split("\n\n", 2)[-1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", type=parse_only, default="all", metavar="CLASS[:SUBJECT][,...]",
-                    help="boot, block, net, stream or all (default); CLASS:SUBJECT for one subject, "
-                    "e.g. net:ferrovm-ne2k")
+                    help="boot, block, net, stream, exec, snapshot, migrate or all (default); "
+                    "CLASS:SUBJECT for one subject, e.g. net:ferrovm-ne2k")
     ap.add_argument("--repeat", type=int, default=None,
                     help="runs per subject (default: boot 5, the others 3)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: one short run of each case (about a minute of workload; the VMs' "
@@ -147,7 +147,7 @@ def main():
     if args.repeat is not None and args.repeat < 1:
         ap.error("--repeat must be at least 1")
     p = params(args)
-    wants_bench_initramfs = any(c != "boot" for c in args.only)
+    wants_bench_initramfs = any(getattr(CLASSES[c], "bench_initramfs", True) for c in args.only)
 
     inner = os.environ.get("FERROVM_BENCH_INNER") is not None
     if not kvm_usable() and not inner:

@@ -39,6 +39,17 @@ GOALS = [
     # Lower is better: the ratio is vng's time over ferrovm's (2.0 = ferrovm in half the time).
     ("exec", "true_s", "vng", "ferrovm-exec", 2.0, "ferrovm exec -- true in <= 0.5x the time of vng -- true"),
     ("exec", "hash_s", "vng", "ferrovm-exec", 1.0, "hashing a source tree under ferrovm exec no slower than under vng"),
+    # Lower is better: a fresh boot's time over the restore's (20 = restored in 1/20 of the time).
+    ("snapshot", "to_running_s", "ferrovm-boot", "ferrovm-restore", 20.0, "restore to running >= 20x faster than a fresh boot to the same point (boot time / restore time >= 20)"),
+] + [
+    # Lower is better: QEMU's figure over ferrovm's (>= 1.0: ferrovm's no higher).
+    ("migrate", f"{key}_{fig}", "qemu", "ferrovm", 1.0, f"migration, {label}: ferrovm {what} <= QEMU's (QEMU / ferrovm >= 1.0)")
+    for key, label, *_ in CLASSES["migrate"].CASES
+    for fig, what in (("downtime_ms", "downtime"), ("total_s", "total time"))]
+
+LIMITS = [
+    # (class, figure, subject, maximum, unit, text): the median must not exceed maximum.
+    ("snapshot", "vmm_restore_ms", "ferrovm-restore", 10.0, "ms", "VMM restore time (restore_ms) <= 10 ms"),
 ]
 
 
@@ -198,13 +209,20 @@ def goals_lines(results):
             r = ratio(med.get(a), med.get(b))
         met = "-" if r is None else ("yes" if r >= minimum else "**no**")
         lines.append(f"| {text} | {fmt_ratio(r)} | {met} |")
+    for cls, key, subject, maximum, unit, text in LIMITS:
+        res = results.get("cases", {}).get(cls)
+        v = medians(res, key).get(subject) if res else None
+        met = "-" if v is None else ("yes" if v <= maximum else "**no**")
+        lines.append(f"| {text} | {'-' if v is None else f'{fmt(v)} {unit}'} | {met} |")
     return lines + [""]
 
 
 TITLES = {"boot": "Boot: process start to userspace marker",
           "block": "Block: fio, host file vs container vs VMs",
           "net": "Net: iperf3 TCP both ways and ping round trip",
-          "stream": "Stream: guest bytes through ttyS1 (UART) vs hvc0 (virtio console) into a host file"}
+          "stream": "Stream: guest bytes through ttyS1 (UART) vs hvc0 (virtio console) into a host file",
+          "snapshot": "Snapshot: pause + snapshot, its size, restore to running against a fresh boot",
+          "migrate": "Migrate: live migration, ferrovm against QEMU, downtime read from the guest's console"}
 
 
 def write(out_dir, results, quiet=True):
@@ -228,7 +246,7 @@ def write(out_dir, results, quiet=True):
                   "absolute figures are those of that set-up; ratios between cases are what to read.", ""]
     lines += goals_lines(results)
     charts = results.get("charts", {})
-    for cls in ("boot", "block", "net", "stream"):
+    for cls in ("boot", "block", "net", "stream", "snapshot", "migrate"):
         res = results.get("cases", {}).get(cls)
         if not res:
             continue
@@ -256,6 +274,8 @@ def write(out_dir, results, quiet=True):
             if any(modes.values()):
                 lines += ["IDE transfer mode libata chose: " + "; ".join(
                     f"{s}: {', '.join(m) or '?'}" for s, m in modes.items()) + ".", ""]
+        if hasattr(CLASSES[cls], "notes"):
+            lines += CLASSES[cls].notes(res)
         for png in charts.get(cls, []):
             lines += [f"![{cls}]({png})", ""]
         lines += errors_lines(res) + [""]
