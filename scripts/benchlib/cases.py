@@ -758,7 +758,8 @@ class Exec:
 
     def setup(self):
         # The reference hash, computed on the host: every VM must print the same.
-        self.expected = sh("sh", "-c", EXEC_HASH).split()[0]
+        self.expected = subprocess.run(["sh", "-c", EXEC_HASH], check=True,
+                                       capture_output=True, text=True).stdout.split()[0]
 
     def teardown(self):
         pass

@@ -222,7 +222,8 @@ TITLES = {"boot": "Boot: process start to userspace marker",
           "net": "Net: iperf3 TCP both ways and ping round trip",
           "stream": "Stream: guest bytes through ttyS1 (UART) vs hvc0 (virtio console) into a host file",
           "snapshot": "Snapshot: pause + snapshot, its size, restore to running against a fresh boot",
-          "migrate": "Migrate: live migration, ferrovm against QEMU, downtime read from the guest's console"}
+          "migrate": "Migrate: live migration, ferrovm against QEMU, downtime read from the guest's console",
+          "exec": "Exec: one command in a fresh VM on the host's files, ferrovm exec vs virtme-ng"}
 
 
 def write(out_dir, results, quiet=True):
@@ -246,7 +247,7 @@ def write(out_dir, results, quiet=True):
                   "absolute figures are those of that set-up; ratios between cases are what to read.", ""]
     lines += goals_lines(results)
     charts = results.get("charts", {})
-    for cls in ("boot", "block", "net", "stream", "snapshot", "migrate"):
+    for cls in ("boot", "block", "net", "stream", "exec", "snapshot", "migrate"):
         res = results.get("cases", {}).get(cls)
         if not res:
             continue
