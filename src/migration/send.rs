@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 use log::{error, info, warn};
 use serde_json::{json, Value};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::dirty::{DirtyPages, Tracker};
@@ -474,7 +474,6 @@ fn send_pages(
 ) -> Result<u64, MigrationError> {
     let regions: Vec<_> = mem.iter().collect();
     let mut frame = Vec::with_capacity(PAGES_FRAME_MAX as usize + 4096);
-    let mut buf = vec![0u8; (super::protocol::PAGES_PER_RECORD * PAGE_SIZE) as usize];
     let mut sent = 0u64;
     let mut flush = |frame: &mut Vec<u8>, conn: &mut Conn| -> Result<(), MigrationError> {
         if !frame.is_empty() {
@@ -489,30 +488,45 @@ fn send_pages(
         let region = regions[r];
         let offset = first_page * PAGE_SIZE;
         let len = (count * PAGE_SIZE).min(region.len() - offset) as usize;
-        let slice = region
-            .get_slice(MemoryRegionAddress(offset), len)
-            .map_err(|e| MigrationError::Memory(format!("read at {offset:#x}: {e}")))?;
-        slice.copy_to(&mut buf[..len]);
         let base = region.start_addr().0 + offset;
-        // Split the run into records of data pages and of zero pages.
+        // Split the run into records of data pages and of zero pages, read in place.
         let npages = len.div_ceil(PAGE_SIZE as usize);
-        let mut i = 0;
-        while i < npages {
-            let zero = is_zero(page(&buf[..len], i));
-            let mut j = i + 1;
-            while j < npages && is_zero(page(&buf[..len], j)) == zero {
-                j += 1;
+        let mut records = Vec::new();
+        crate::vstate::memory::read_in_place(region, offset, len, |buf| {
+            let mut i = 0;
+            while i < npages {
+                let zero = is_zero(page(buf, i));
+                let mut j = i + 1;
+                while j < npages && is_zero(page(buf, j)) == zero {
+                    j += 1;
+                }
+                records.push((i, j, zero));
+                i = j;
             }
+        })
+        .ok_or_else(|| {
+            MigrationError::Memory(format!("read at {offset:#x}: outside the region"))
+        })?;
+        for (i, j, zero) in records {
             let gpa = base + i as u64 * PAGE_SIZE;
             let n = (j - i) as u32;
             if !zero {
+                let start = i * PAGE_SIZE as usize;
                 let end = (j * PAGE_SIZE as usize).min(len);
-                push_record(&mut frame, gpa, n, Some(&buf[i * PAGE_SIZE as usize..end]));
+                // The data pages are copied out once, into the frame.
+                crate::vstate::memory::read_in_place(
+                    region,
+                    offset + start as u64,
+                    end - start,
+                    |d| push_record(&mut frame, gpa, n, Some(d)),
+                )
+                .ok_or_else(|| {
+                    MigrationError::Memory(format!("read at {offset:#x}: outside the region"))
+                })?;
             } else if !first {
                 push_record(&mut frame, gpa, n, None);
             }
             figures.pages_sent += u64::from(n);
-            i = j;
             if frame.len() as u64 >= PAGES_FRAME_MAX {
                 flush(&mut frame, conn)?;
             }
