@@ -258,6 +258,37 @@ impl Conn {
         Ok(())
     }
 
+    /// Sends a frame whose payload is `pieces`, one after the other, with vectored writes
+    /// (the pages of a frame go from guest memory to the socket without a copy of their
+    /// own).
+    pub fn send_pieces(&mut self, kind: Kind, pieces: &[&[u8]]) -> Result<(), ProtocolError> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(&kind.code().to_le_bytes());
+        header[4..].copy_from_slice(&(len as u64).to_le_bytes());
+        let mut all: Vec<io::IoSlice<'_>> = Vec::with_capacity(pieces.len() + 1);
+        all.push(io::IoSlice::new(&header));
+        all.extend(
+            pieces
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| io::IoSlice::new(p)),
+        );
+        // writev takes at most IOV_MAX (1024) pieces at a time.
+        let mut rest = &mut all[..];
+        while !rest.is_empty() {
+            let n = rest.len().min(1024);
+            let written = match self.write_vectored(&rest[..n]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            io::IoSlice::advance_slices(&mut rest, written);
+        }
+        Ok(())
+    }
+
     /// Sends a frame whose payload is `value` as JSON.
     pub fn send_json(
         &mut self,
@@ -360,6 +391,13 @@ impl Write for Conn {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.write_vectored(bufs),
+            Self::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -377,12 +415,19 @@ impl AsRawFd for Conn {
 /// Appends a record of `pages` pages at `gpa` to `out`: their bytes, or none when `data` is
 /// None (zero pages).
 pub fn push_record(out: &mut Vec<u8>, gpa: u64, pages: u32, data: Option<&[u8]>) {
-    out.extend_from_slice(&gpa.to_le_bytes());
-    out.extend_from_slice(&pages.to_le_bytes());
-    out.extend_from_slice(&(if data.is_some() { 0 } else { RECORD_ZERO }).to_le_bytes());
+    out.extend_from_slice(&record_header(gpa, pages, data.is_none()));
     if let Some(d) = data {
         out.extend_from_slice(d);
     }
+}
+
+/// The header of a record of `pages` pages at `gpa`, zero pages (no bytes follow) or not.
+pub fn record_header(gpa: u64, pages: u32, zero: bool) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[..8].copy_from_slice(&gpa.to_le_bytes());
+    h[8..12].copy_from_slice(&pages.to_le_bytes());
+    h[12..].copy_from_slice(&(if zero { RECORD_ZERO } else { 0 }).to_le_bytes());
+    h
 }
 
 /// One record of a PAGES frame.

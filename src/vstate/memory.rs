@@ -202,20 +202,28 @@ pub fn read_in_place<R>(
     len: usize,
     f: impl FnOnce(&[u8]) -> R,
 ) -> Option<R> {
+    bytes_in_place(region, offset, len).map(f)
+}
+
+/// The `len` bytes at `offset` of `region` as they are mapped, for as long as `region` is
+/// borrowed (see `read_in_place`): live migration hands them to `writev`.
+pub fn bytes_in_place(region: &GuestRegionMmap, offset: u64, len: usize) -> Option<&[u8]> {
     let end = offset.checked_add(len as u64)?;
-    if end > region.len() || len == 0 {
-        return (len == 0).then(|| f(&[]));
+    if len == 0 {
+        return Some(&[]);
+    }
+    if end > region.len() {
+        return None;
     }
     let ptr = region
         .get_host_address(vm_memory::MemoryRegionAddress(offset))
         .ok()?;
     // SAFETY: `ptr` is the host address of `offset` in the region's mapping, which is
-    // `region.len()` bytes long and lives as long as `region` (borrowed for the call);
-    // `offset + len` was checked to be within it. The slice does not outlive `f`. Bytes
-    // the guest (a vCPU or the VMM's device threads) changes meanwhile are read as
+    // `region.len()` bytes long and stays mapped while `region` is borrowed, which the
+    // returned slice's lifetime is tied to; `offset + len` was checked to be within it.
+    // Bytes the guest (a vCPU or the VMM's device threads) changes meanwhile are read as
     // either value, never out of bounds.
-    let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len) };
-    Some(f(bytes))
+    Some(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
 }
 
 /// End (exclusive) of the RAM below the MMIO gap: where boot data must live.
