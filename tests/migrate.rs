@@ -10,83 +10,30 @@
 mod common;
 
 use std::io::{BufRead, Read, Write};
-use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::net::HostTap;
+use common::records::{
+    self, assert_consecutive, assert_records, assert_stream, guest_stream, numbers, ok,
+    stream_receiver,
+};
 use common::{ferrovm_bin, ferrovm_cli, LocalDir, Output, TempFile, Vm, CMDLINE};
 
-const SECTOR: u64 = 512;
 /// Memory of the migrated guests.
 const MEMORY_MIB: &str = "256";
 
-/// The guest's workload as one `eval` word: `extra` first, a 64 MiB buffer rewritten in a
-/// loop when `dirty`, then the counter with records (record i to sector i of /dev/vda with
-/// O_DIRECT and fsync, and to the IDE disk /dev/sda when there is one, then `ack=i`).
+/// The guest's workload (`records::workload`) with `extra` first and, when `dirty`, a 64 MiB
+/// buffer rewritten in a loop.
 fn workload(extra: &str, dirty: bool) -> String {
     let dirtier = if dirty {
         "(while true; do tr '\\\\0' a </dev/zero | dd of=/dirty bs=1M count=64 iflag=fullblock conv=notrunc 2>/dev/null; done &);"
     } else {
         ""
     };
-    format!(
-        "{CMDLINE} -- eval \"{extra} {dirtier} i=0; while true; do echo count=\\$i; \
-         printf 'rec %08d' \\$i | dd of=/dev/vda bs=512 seek=\\$i conv=sync,fsync oflag=direct 2>/dev/null \
-         && {{ [ ! -b /dev/sda ] || printf 'rec %08d' \\$i | dd of=/dev/sda bs=512 seek=\\$i conv=sync,fsync oflag=direct 2>/dev/null; }} \
-         && echo ack=\\$i; i=\\$((i+1)); sleep 0.05; done\""
-    )
-}
-
-fn numbers(text: &str, key: &str) -> Vec<u64> {
-    let pat = format!("{key}=");
-    text.match_indices(&pat)
-        .filter_map(|(i, _)| {
-            let rest = &text[i + pat.len()..];
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
-        })
-        .collect()
-}
-
-fn assert_consecutive(seq: &[u64], what: &str, dump: &str) {
-    assert!(!seq.is_empty(), "no {what} at all\n{dump}");
-    for w in seq.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "{what}: {} followed by {}\n{dump}",
-            w[0],
-            w[1]
-        );
-    }
-    assert_eq!(seq[0], 0, "{what} starts at 0\n{dump}");
-}
-
-fn assert_records(img: &Path, last: u64) {
-    let data = std::fs::read(img).unwrap();
-    for i in 0..=last {
-        let off = (i * SECTOR) as usize;
-        let want = format!("rec {i:08}");
-        assert_eq!(
-            &data[off..off + want.len()],
-            want.as_bytes(),
-            "record {i} of {last} acknowledged records"
-        );
-    }
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{:?}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    records::workload(&format!("{extra} {dirtier}"))
 }
 
 /// `ferrovm run --incoming ADDR`.
@@ -167,38 +114,6 @@ impl Migrate {
         let st = self.child.wait().unwrap();
         let lines: Vec<_> = self.lines.try_iter().collect();
         (st.code().unwrap_or(-1), lines, self.stderr.join().unwrap())
-    }
-}
-
-/// The host end of a TCP stream of `n` numbered lines the guest sends slowly: what it got.
-fn stream_receiver(tap: &HostTap, port: u16) -> std::thread::JoinHandle<String> {
-    let listener = TcpListener::bind((tap.host_ip(), port)).unwrap();
-    std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
-        let mut got = String::new();
-        // A timeout leaves what came so far, for the assertion to show.
-        let _ = s.read_to_string(&mut got);
-        got
-    })
-}
-
-fn guest_stream(tap: &HostTap, port: u16) -> String {
-    format!(
-        "{} && (for j in \\$(seq 1 3000); do echo line-\\$j; [ \\$((j % 50)) = 0 ] && sleep 0.2; done | nc {} {port}; echo stream-done-\\$((6*7))) &",
-        tap.guest_setup("eth0"),
-        tap.host_ip()
-    )
-}
-
-fn assert_stream(got: &str) {
-    let lines: Vec<u64> = got
-        .lines()
-        .map(|l| l.strip_prefix("line-").unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(lines.len(), 3000, "the whole stream arrived");
-    for (k, n) in lines.iter().enumerate() {
-        assert_eq!(*n, k as u64 + 1, "TCP stream line {k}");
     }
 }
 

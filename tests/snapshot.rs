@@ -8,85 +8,21 @@
 mod common;
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::net::HostTap;
+use common::records::{
+    assert_consecutive, assert_records, assert_stream, guest_stream, numbers, ok, stream_receiver,
+    workload,
+};
 use common::{ferrovm_cli, LocalDir, Output, TempFile, Vm, CMDLINE};
-
-/// Record size on the disk (one per sector, `rec NNNNNNNN` then padding).
-const SECTOR: u64 = 512;
-
-/// The guest's workload, one `eval` word: record i written to sector i of /dev/vda (and of
-/// the IDE disk /dev/sda when there is one) with O_DIRECT and fsync, then `ack=i` on the
-/// console; `count=i` lines between.
-fn workload(extra: &str) -> String {
-    format!(
-        "{CMDLINE} -- eval \"{extra} i=0; while true; do echo count=\\$i; \
-         printf 'rec %08d' \\$i | dd of=/dev/vda bs=512 seek=\\$i conv=sync,fsync oflag=direct 2>/dev/null \
-         && {{ [ ! -b /dev/sda ] || printf 'rec %08d' \\$i | dd of=/dev/sda bs=512 seek=\\$i conv=sync,fsync oflag=direct 2>/dev/null; }} \
-         && echo ack=\\$i; i=\\$((i+1)); sleep 0.05; done\""
-    )
-}
-
-/// The numbers after `key=` in `text`, in order (a line cut by the snapshot may hold two).
-fn numbers(text: &str, key: &str) -> Vec<u64> {
-    let pat = format!("{key}=");
-    text.match_indices(&pat)
-        .filter_map(|(i, _)| {
-            let rest = &text[i + pat.len()..];
-            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-            digits.parse().ok()
-        })
-        .collect()
-}
-
-/// `seq` must run 0, 1, 2, ... with no gap and no repeat.
-fn assert_consecutive(seq: &[u64], what: &str, dump: &str) {
-    assert!(!seq.is_empty(), "no {what} at all\n{dump}");
-    for w in seq.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "{what}: {} followed by {}\n{dump}",
-            w[0],
-            w[1]
-        );
-    }
-    assert_eq!(seq[0], 0, "{what} starts at 0\n{dump}");
-}
-
-/// Every record up to `last` is in the image, intact.
-fn assert_records(img: &Path, last: u64) {
-    let data = std::fs::read(img).unwrap();
-    for i in 0..=last {
-        let off = (i * SECTOR) as usize;
-        let want = format!("rec {i:08}");
-        assert_eq!(
-            &data[off..off + want.len()],
-            want.as_bytes(),
-            "record {i} of {last} acknowledged records"
-        );
-    }
-}
 
 fn client(sock: &Path, args: &[&str]) -> std::process::Output {
     let mut all = args.to_vec();
     let s = sock.to_str().unwrap();
     all.extend(["--api-sock", s]);
     ferrovm_cli(&all)
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{:?}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Pauses, snapshots into `dir/snap`, and SIGKILLs the VMM; returns what it printed.
@@ -119,20 +55,8 @@ fn a_restored_guest_goes_on_counting_writing_and_streaming() {
     let tap = HostTap::new(60);
     // The host end of the TCP stream: 3000 numbered lines the guest sends slowly, so that
     // the snapshot, the kill and the restore happen in the middle of it.
-    let listener = TcpListener::bind((tap.host_ip(), 7200)).unwrap();
-    let receiver = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
-        let mut got = String::new();
-        // A timeout leaves what came so far, for the assertion to show.
-        let _ = s.read_to_string(&mut got);
-        got
-    });
-    let stream = format!(
-        "{} && (for j in \\$(seq 1 3000); do echo line-\\$j; [ \\$((j % 50)) = 0 ] && sleep 0.2; done | nc {} 7200; echo stream-done-\\$((6*7))) &",
-        tap.guest_setup("eth0"),
-        tap.host_ip()
-    );
+    let receiver = stream_receiver(&tap, 7200);
+    let stream = guest_stream(&tap, 7200);
     let mut vm = Vm::guest();
     vm.arg("--cmdline")
         .arg(workload(&stream))
@@ -179,15 +103,7 @@ fn a_restored_guest_goes_on_counting_writing_and_streaming() {
     assert_records(&img.0, *acks.last().unwrap());
     assert_records(&ide.0, *acks.last().unwrap());
     // The stream: every line, in order, nothing lost or doubled across the restore.
-    let got = receiver.join().unwrap();
-    let lines: Vec<u64> = got
-        .lines()
-        .map(|l| l.strip_prefix("line-").unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(lines.len(), 3000, "the whole stream arrived");
-    for (k, n) in lines.iter().enumerate() {
-        assert_eq!(*n, k as u64 + 1, "TCP stream line {k}");
-    }
+    assert_stream(&receiver.join().unwrap());
 }
 
 #[test]

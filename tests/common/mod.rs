@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod records;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
