@@ -32,6 +32,7 @@ use super::protocol::{Conn, Kind, ProtocolError, PAGES_FRAME_MAX, PAGE_SIZE};
 use super::{Address, MigrateParams, MigrationError, VERIFY_ENV};
 use crate::config::VmConfig;
 use crate::persist::{MemoryRegion, Snapshot};
+use crate::vstate::memory::is_zero_page;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// How long the destination may take to answer (it builds the VM; in test mode it hashes
@@ -518,9 +519,9 @@ fn send_pages(
         let npages = len.div_ceil(PAGE_SIZE as usize);
         let mut i = 0;
         while i < npages {
-            let zero = is_zero(page(buf, i));
+            let zero = is_zero_page(page(buf, i));
             let mut j = i + 1;
-            while j < npages && is_zero(page(buf, j)) == zero {
+            while j < npages && is_zero_page(page(buf, j)) == zero {
                 j += 1;
             }
             let gpa = base + i as u64 * PAGE_SIZE;
@@ -550,13 +551,6 @@ fn send_pages(
 fn page(buf: &[u8], i: usize) -> &[u8] {
     let start = i * PAGE_SIZE as usize;
     &buf[start..(start + PAGE_SIZE as usize).min(buf.len())]
-}
-
-/// Whether a page (or the tail of one) is all zeros: a comparison with a zero page, which
-/// is the C library's memcmp (fast in a debug build too).
-fn is_zero(p: &[u8]) -> bool {
-    static ZERO: [u8; PAGE_SIZE as usize] = [0; PAGE_SIZE as usize];
-    p == &ZERO[..p.len()]
 }
 
 #[cfg(test)]

@@ -144,12 +144,8 @@ pub fn write_memory(dir: &Path, mem: &GuestMemoryMmap) -> Result<u64, PersistErr
             // Runs of non-zero pages, each one pwrite, straight from guest memory (read in
             // place: the vCPUs are paused).
             crate::vstate::memory::read_in_place(region, off, n, |buf| -> io::Result<()> {
-                // A comparison with a zero page: the C library's vectorized memcmp.
-                static ZERO: [u8; PAGE] = [0; PAGE];
-                let zero = |q: usize| {
-                    let page = &buf[q..(q + PAGE).min(n)];
-                    page == &ZERO[..page.len()]
-                };
+                let zero =
+                    |q: usize| crate::vstate::memory::is_zero_page(&buf[q..(q + PAGE).min(n)]);
                 let mut p = 0;
                 while p < n {
                     if zero(p) {
