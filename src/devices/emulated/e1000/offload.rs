@@ -22,9 +22,16 @@ use super::super::nic_tap::{
     VnetHdr, VNET_F_DATA_VALID, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4, VNET_GSO_TCPV6,
 };
 
-/// Ones' complement sum of `data` as big-endian 16-bit words (RFC 1071), added to `acc`.
+/// Ones' complement sum of `data` as big-endian 16-bit words (RFC 1071), added to `acc`;
+/// only its `fold` is meaningful. Eight bytes go in per step as two 32-bit words: a word
+/// `hi << 16 | lo` is `hi + lo` modulo 0xffff, which is all the fold keeps.
 pub fn sum(data: &[u8], mut acc: u64) -> u64 {
-    let mut chunks = data.chunks_exact(2);
+    let mut words = data.chunks_exact(8);
+    for w in &mut words {
+        let v = u64::from_be_bytes(w.try_into().unwrap());
+        acc += (v >> 32) + (v & 0xffff_ffff);
+    }
+    let mut chunks = words.remainder().chunks_exact(2);
     for c in &mut chunks {
         acc += u64::from(u16::from_be_bytes([c[0], c[1]]));
     }
@@ -366,34 +373,13 @@ pub fn host_validated(hdr: &VnetHdr) -> bool {
     hdr.flags & VNET_F_DATA_VALID != 0
 }
 
-/// CRC-32 (IEEE 802.3) lookup table, reflected polynomial 0xedb88320.
-const CRC_TABLE: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-};
-
-/// The Ethernet frame check sequence of `frame`, in the byte order it follows the frame.
+/// The Ethernet frame check sequence of `frame` (CRC-32, IEEE 802.3), in the byte order it
+/// follows the frame. Every received frame pays for it unless the driver sets RCTL.SECRC
+/// (Linux's e1000 does not; it drops the 4 bytes itself), so it is crc32fast's folding
+/// CRC: a byte-at-a-time table took 4.3 µs of the 5.2 µs a 1514-byte frame cost receive,
+/// natively, and the nested sandbox's emulation multiplies both.
 pub fn fcs(frame: &[u8]) -> [u8; 4] {
-    let mut c = 0xffff_ffffu32;
-    for &b in frame {
-        c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    (!c).to_le_bytes()
+    crc32fast::hash(frame).to_le_bytes()
 }
 
 #[cfg(test)]
@@ -437,6 +423,23 @@ pub(super) mod tests {
         copy[16] = 0;
         copy[17] = 0;
         !fold(sum(&copy, p))
+    }
+
+    #[test]
+    fn the_wide_sum_folds_as_the_16_bit_one() {
+        // RFC 1071 word by word, against the 8-bytes-a-step sum, over every length and a
+        // start value, on bytes that carry a lot.
+        let data: Vec<u8> = (0..200u32).map(|i| (i * 151 + 0xf7) as u8).collect();
+        for len in 0..data.len() {
+            let d = &data[..len];
+            let mut want = 0x1_2345u64;
+            for c in d.chunks(2) {
+                want += u64::from(c[0]) << 8 | u64::from(*c.get(1).unwrap_or(&0));
+            }
+            assert_eq!(fold(sum(d, 0x1_2345)), fold(want), "{len} bytes");
+        }
+        assert_eq!(fold(sum(&[0xff; 64], 0)), 0xffff);
+        assert_eq!(fold(sum(&[0; 64], 0)), 0);
     }
 
     #[test]
