@@ -783,6 +783,17 @@ class Exec:
             raise Unavailable("virtme-ng is not installed (pip install virtme-ng)")
         return [vng, "-r", self.kernel, "--cpus", self.cpus, "--"] + argv
 
+    @property
+    def commands(self):
+        """Each subject's command line for `true` (results.json and results.md list them)."""
+        out = {}
+        for s in self.SUBJECTS:
+            try:
+                out[s["name"]] = self.command(s, ["true"])
+            except Unavailable as e:
+                out[s["name"]] = [f"({e})"]
+        return out
+
     def timed(self, subject, argv):
         cmd = self.command(subject, argv)
         env = dict(os.environ)
