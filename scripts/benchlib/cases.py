@@ -626,18 +626,20 @@ class Net(VmClass):
             except GuestError as e:
                 head, _, rest = str(e).partition("\n")
                 raise GuestError(f"{head}\n--- iperf3 server (end) ---\n{server.text()[-1500:]}\n{rest}") from None
+        extra = ""
         if rc != 0 or "@@FVB-END ping" not in console:
-            stderr += f"\n--- iperf3 server (end) ---\n{server.text()[-1500:]}"
+            extra = f"--- iperf3 server (end) ---\n{server.text()[-1500:]}"
         if "@@FVB-NO-NIC@@" in console:
-            raise GuestError(describe_failure(subject["name"], console, stderr, rc, "the guest has no eth0"))
+            raise GuestError(describe_failure(subject["name"], console, stderr, rc, "the guest has no eth0", extra))
         sec = sections(console)
         figs, raw, problems = self.figures({k: v[0] for k, v in sec.items()}, subject["name"])
         if not figs or rc != 0:
             raise GuestError(describe_failure(subject["name"], console, stderr, rc,
-                                              "; ".join(p.splitlines()[0] for p in problems) or "VMM exit status"))
+                                              "; ".join(p.splitlines()[0] for p in problems) or "VMM exit status",
+                                              extra))
         if problems:
             problems = [describe_failure(subject["name"], console, stderr, rc, "; ".join(
-                p.splitlines()[0] for p in problems))]
+                p.splitlines()[0] for p in problems), extra)]
         return {"figures": figs, "seconds": secs, "metrics": metrics, "problems": problems,
                 "virtio_features": features(console),
                 "guest_netdev": guest_netdev(sec.get("netdev", ("", 0))[0]),

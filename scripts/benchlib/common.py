@@ -142,9 +142,12 @@ def run_process(cmd, timeout, watch=None, env=None):
     return text("out"), text("err"), proc.returncode, time.monotonic() - start
 
 
-def describe_failure(who, console, stderr, rc, what):
+def describe_failure(who, console, stderr, rc, what, extra=""):
+    """`extra` (e.g. a host-side server's log) comes after the VMM's stderr, never in place
+    of its end, where the VMM's exit reason and crash report are."""
     return (f"{who}: {what} (exit status {rc})\n--- stderr (end) ---\n{stderr[-1500:]}"
-            f"\n--- console (end) ---\n{console[-3000:]}")
+            + (f"\n{extra}" if extra else "")
+            + f"\n--- console (end) ---\n{console[-3000:]}")
 
 
 # ---------------------------------------------------------------------------------------
