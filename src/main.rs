@@ -571,7 +571,8 @@ fn main() -> ExitCode {
             let code = reason.exit_code();
             if code != 0 {
                 eprintln!("ferrovm: {reason}");
-                // Indented lines under a "crash report:" line, after the one-line reason.
+                // Indented lines under a "crash report:" (or "stop report:") line, after the
+                // one-line reason.
                 if let Some(report) = crash_report {
                     eprint!("{report}");
                 }

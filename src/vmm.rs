@@ -930,6 +930,10 @@ impl Vmm {
         }
         let crash_report = match &result {
             Ok(ExitReason::Guest(exit)) if !exit.is_clean() => Some(self.crash_report(exit)),
+            // Stopped from outside before the guest ended: where it was (a hung guest).
+            Ok(reason @ (ExitReason::Signal(_) | ExitReason::TimedOut)) => {
+                Some(self.stop_report(reason))
+            }
             _ => None,
         };
         // Written after the vCPUs stopped, so the report is final.
@@ -942,18 +946,7 @@ impl Vmm {
 
     /// The crash report for `exit` as stderr shows it; its JSON goes into the metrics.
     fn crash_report(&mut self, exit: &GuestExit) -> String {
-        let (table, symbols) = match self.symbols.as_ref().map(|s| (s, s.load())) {
-            Some((source, Ok(table))) => (Some(table), Ok(source.describe())),
-            Some((_, Err(e))) => (None, Err(e.to_string())),
-            None => (
-                None,
-                Err(
-                    "the kernel has no .symtab and no System.map was found beside it; \
-                     give --system-map"
-                        .to_owned(),
-                ),
-            ),
-        };
+        let (table, symbols) = self.load_symbols();
         let report = CrashReport::new(
             exit,
             &self.run_state.records(),
@@ -964,6 +957,38 @@ impl Vmm {
         );
         self.metrics.set_crash(report.to_json(table.as_ref()));
         report.render(table.as_ref())
+    }
+
+    /// The stop report for a guest stopped from outside (`reason`), as stderr shows it: each
+    /// vCPU's latest sample; its JSON goes into the metrics as `stop`.
+    fn stop_report(&mut self, reason: &ExitReason) -> String {
+        let (table, symbols) = self.load_symbols();
+        let report = CrashReport::for_stop(
+            reason.to_string(),
+            &self.run_state.records(),
+            &self.console_tails,
+            symbols,
+            self.started.elapsed(),
+            Instant::now(),
+        );
+        self.metrics.set_stop(report.to_json(table.as_ref()));
+        report.render(table.as_ref())
+    }
+
+    /// The kernel's symbols for a report, and where they came from or why there are none.
+    fn load_symbols(&self) -> (Option<crate::crash::SymbolTable>, Result<String, String>) {
+        match self.symbols.as_ref().map(|s| (s, s.load())) {
+            Some((source, Ok(table))) => (Some(table), Ok(source.describe())),
+            Some((_, Err(e))) => (None, Err(e.to_string())),
+            None => (
+                None,
+                Err(
+                    "the kernel has no .symtab and no System.map was found beside it; \
+                     give --system-map"
+                        .to_owned(),
+                ),
+            ),
+        }
     }
 
     fn write_metrics(&self) {

@@ -173,6 +173,36 @@ fn sigterm_stops_the_vm_cleanly() {
         "{}",
         out.dump()
     );
+    // Where the guest was when it was stopped: vCPU 0's latest sample, its RIP in the
+    // kernel and named (the idle guest sleeps in some kernel function).
+    let report: Vec<&str> = out
+        .stderr
+        .lines()
+        .skip_while(|l| *l != "stop report:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .collect();
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("  exit: stopped by signal SIGTERM (from outside the guest)")),
+        "{}",
+        out.dump()
+    );
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("  vCPU 0 last sampled ")),
+        "{}",
+        out.dump()
+    );
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("    RIP 0xffffffff") && l.contains("+0x")),
+        "{}",
+        out.dump()
+    );
 }
 
 fn libc_sigterm() -> i32 {

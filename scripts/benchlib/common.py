@@ -132,7 +132,7 @@ def run_process(cmd, timeout, watch=None, env=None):
                 t.join(2)
             raise GuestError(f"timed out after {timeout} s"
                              f"{'' if gone else ' (and did not die on SIGKILL: left behind)'}\n"
-                             f"command: {' '.join(cmd)}\n--- stderr (end) ---\n{text('err')[-1500:]}"
+                             f"command: {' '.join(cmd)}\n--- stderr (end) ---\n{text('err')[-4000:]}"
                              f"\n--- console (end) ---\n{text('out')[-3000:]}")
         if watch:
             watch()
@@ -145,7 +145,7 @@ def run_process(cmd, timeout, watch=None, env=None):
 def describe_failure(who, console, stderr, rc, what, extra=""):
     """`extra` (e.g. a host-side server's log) comes after the VMM's stderr, never in place
     of its end, where the VMM's exit reason and crash report are."""
-    return (f"{who}: {what} (exit status {rc})\n--- stderr (end) ---\n{stderr[-1500:]}"
+    return (f"{who}: {what} (exit status {rc})\n--- stderr (end) ---\n{stderr[-4000:]}"
             + (f"\n{extra}" if extra else "")
             + f"\n--- console (end) ---\n{console[-3000:]}")
 

@@ -61,13 +61,14 @@ class SoakNet(Recording, cases.Net):
     pass
 
 
-def crash_report(stderr):
-    """ferrovm's reason line and the indented crash report after it."""
+def crash_report(stderr, title="crash report:"):
+    """ferrovm's reason line and the indented report after it: the crash report, or with
+    title "stop report:" where a guest stopped from outside (a hang's timeout) was."""
     lines = stderr.splitlines()
     reason = next((ln for ln in lines if ln.startswith("ferrovm:")), None)
     report_lines = []
-    if "crash report:" in lines:
-        for ln in lines[lines.index("crash report:") + 1:]:
+    if title in lines:
+        for ln in lines[lines.index(title) + 1:]:
             if not ln.startswith("  "):
                 break
             report_lines.append(ln)
@@ -81,8 +82,11 @@ def classify(subject, last, error):
         text = (last or {}).get("error") or error or ""
         outcome = "hang" if (last or {}).get("timed_out") else "vmm-failure"
         panic = PANIC.search(text)
+        # ferrovm stopped by the timeout's SIGTERM says where the guest was.
+        _, stop = crash_report(text, "stop report:")
         return outcome, {"why": text.splitlines()[0] if text else "unknown",
-                         "panic": panic.group(0) if panic else None, "tail": text[-3000:]}
+                         "panic": panic.group(0) if panic else None, "stop_report": stop,
+                         "tail": text[-3000:]}
     console, stderr, rc = last["console"], last["stderr"], last["rc"]
     panic = PANIC.search(console)
     info = {"exit_status": rc, "panic": panic.group(0).strip() if panic else None,
@@ -248,8 +252,9 @@ def markdown(res):
             why = r.get("reason") or r.get("why") or ""
             out.append(f"- run {r['run']}: **{r['outcome']}** after {r.get('seconds', '?')} s: {why}"
                        + (f" (console: `{r['panic']}`)" if r.get("panic") else ""))
-            if r.get("crash_report"):
-                out += ["", "  ```", *("  " + ln for ln in r["crash_report"].splitlines()), "  ```", ""]
+            report = r.get("crash_report") or r.get("stop_report")
+            if report:
+                out += ["", "  ```", *("  " + ln for ln in report.splitlines()), "  ```", ""]
             elif r.get("console_tail"):
                 out += ["", "  ```", *("  " + ln for ln in r["console_tail"][-6:]), "  ```", ""]
         out.append("")

@@ -14,6 +14,10 @@
 //! keeps its registers then), with how long before the fault it was taken. On Intel the
 //! registers survive the triple fault.
 //!
+//! A guest stopped from outside before it ended (a termination signal, `--timeout`) gets
+//! the same report titled `stop report:` (`CrashReport::for_stop`): each vCPU's latest
+//! sample, which says where a hung guest was spinning or waiting.
+//!
 //! Building and formatting the report are pure functions of a saved register set, so the
 //! report is tested without KVM.
 
@@ -63,6 +67,9 @@ pub struct CrashReport {
     pub symbols: Result<String, String>,
     /// How long the VM had run.
     pub uptime: Duration,
+    /// The first line: `crash report:`, or `stop report:` for a guest stopped from outside
+    /// (a signal, the time limit) before it ended, which says where it was (a hung guest).
+    pub title: &'static str,
 }
 
 /// KVM's name for what ended the VM.
@@ -145,6 +152,48 @@ impl CrashReport {
             consoles,
             symbols,
             uptime,
+            title: "crash report",
+        }
+    }
+
+    /// The report for a guest stopped from outside before it ended (`reason`: a signal,
+    /// the time limit): where each vCPU was at its latest sample, and the consoles' end.
+    /// What a hung guest was doing when it was given up on.
+    pub fn for_stop(
+        reason: String,
+        records: &[VcpuRecord],
+        consoles: &[(String, Arc<ConsoleTail>)],
+        symbols: Result<String, String>,
+        uptime: Duration,
+        now: Instant,
+    ) -> Self {
+        let vcpus = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| VcpuView {
+                id: i as u8,
+                at_stop: None,
+                sample: r
+                    .sampled
+                    .map(|s| (now.saturating_duration_since(s.at), s.state)),
+                error: None,
+            })
+            .collect();
+        let consoles = consoles
+            .iter()
+            .map(|(name, tail)| (name.clone(), tail.lines(), tail.alert()))
+            .filter(|(_, lines, _)| !lines.is_empty())
+            .collect();
+        Self {
+            exit: format!("{reason} (from outside the guest)"),
+            reason,
+            vcpu: None,
+            kvm_data: None,
+            vcpus,
+            consoles,
+            symbols,
+            uptime,
+            title: "stop report",
         }
     }
 
@@ -181,7 +230,7 @@ impl CrashReport {
     /// starts with `ferrovm:`, which is the reason's line).
     pub fn render(&self, symbols: Option<&SymbolTable>) -> String {
         let sym = |state: &CpuState| symbols.and_then(|t| t.describe(state.rip));
-        let mut out = String::from("crash report:\n");
+        let mut out = format!("{}:\n", self.title);
         let mut line = |indent: usize, text: &str| {
             let _ = writeln!(out, "{:indent$}{text}", "");
         };
@@ -341,9 +390,11 @@ impl CrashReport {
                 format!("{}:[{}]", json_str(name), lines.join(","))
             })
             .collect();
-        let state_lost = self
-            .focus()
-            .is_some_and(|v| v.at_stop.as_ref().is_none_or(CpuState::is_reset_state));
+        // A stop report has no registers at the stop to lose.
+        let state_lost = self.title == "crash report"
+            && self
+                .focus()
+                .is_some_and(|v| v.at_stop.as_ref().is_none_or(CpuState::is_reset_state));
         format!(
             "{{\"reason\":{},\"exit\":{},\"vcpu\":{},\"kvm\":{},\"state_lost\":{state_lost},\
              \"uptime_ns\":{},\"vcpus\":[{}],\"console\":{{{}}},\"symbols\":{}}}",
@@ -588,5 +639,53 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&report.to_json(None)).unwrap();
         assert_eq!(v["kvm"]["suberror"], 1);
         assert_eq!(v["kvm"]["data"][1], "0x20000000");
+    }
+
+    #[test]
+    fn a_stop_report_says_where_a_hung_guest_was() {
+        let now = Instant::now();
+        let records = [
+            VcpuRecord {
+                sampled: Some(Snapshot {
+                    at: now - Duration::from_millis(30),
+                    state: saved_panic_state(),
+                }),
+                ..Default::default()
+            },
+            VcpuRecord::default(),
+        ];
+        let report = CrashReport::for_stop(
+            "stopped by signal SIGTERM".into(),
+            &records,
+            &console(&["@@FVB-BEGIN tcp-tx@@"]),
+            Ok("vmlinux (ELF .symtab)".into()),
+            Duration::from_secs(180),
+            now,
+        );
+        let text = report.render(Some(&table()));
+        assert!(text.starts_with("stop report:\n"), "{text}");
+        assert!(
+            text.contains("exit: stopped by signal SIGTERM (from outside the guest), 180.00 s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vCPU 0 last sampled 30 ms before (the latest state there is):"),
+            "{text}"
+        );
+        assert!(
+            text.contains("native_machine_emergency_restart+0x14"),
+            "{text}"
+        );
+        assert!(text.contains("vCPU 1: no sample"), "{text}");
+        assert!(text.contains("| @@FVB-BEGIN tcp-tx@@"), "{text}");
+        assert!(!text.contains("state lost"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&report.to_json(Some(&table()))).unwrap();
+        assert_eq!(v["state_lost"], false);
+        assert_eq!(v["vcpu"], serde_json::Value::Null);
+        assert_eq!(v["vcpus"][0]["sample"]["before_stop_ms"], 30);
+        assert_eq!(
+            v["vcpus"][0]["sample"]["registers"]["rip_symbol"],
+            "native_machine_emergency_restart+0x14/0x1b0"
+        );
     }
 }

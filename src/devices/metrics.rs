@@ -290,8 +290,9 @@ pub struct MetricsRegistry {
     devices: Vec<(Arc<DeviceMetrics>, u64)>,
     /// The report's `kvm` object: KVM's counters of every exit, read when written.
     kvm: Option<ReportSource>,
-    /// The crash report as a JSON object, once the guest crashed.
-    crash: Option<String>,
+    /// The crash report as a JSON object, once the guest crashed, under this key (`crash`,
+    /// or `stop` for the report of a guest stopped from outside).
+    crash: Option<(&'static str, String)>,
 }
 
 impl Default for MetricsRegistry {
@@ -328,11 +329,17 @@ impl MetricsRegistry {
 
     /// Adds the crash report (a JSON object) to the report, as `crash`.
     pub fn set_crash(&mut self, json: String) {
-        self.crash = Some(json);
+        self.crash = Some(("crash", json));
+    }
+
+    /// Adds the report of a guest stopped from outside (a JSON object), as `stop`.
+    pub fn set_stop(&mut self, json: String) {
+        self.crash = Some(("stop", json));
     }
 
     /// The report: `{"uptime_ns": N, "devices": [...], "kvm": {...}}` (`kvm` once the VM
-    /// has vCPUs), and `"crash": {...}` after a guest crash.
+    /// has vCPUs), and `"crash": {...}` after a guest crash, `"stop": {...}` when a signal
+    /// or the time limit stopped the guest.
     pub fn to_json(&self) -> String {
         let mut out = format!(
             "{{\"uptime_ns\":{},\"devices\":[",
@@ -348,9 +355,8 @@ impl MetricsRegistry {
         if let Some(kvm) = &self.kvm {
             let _ = write!(out, ",\"kvm\":{}", kvm());
         }
-        if let Some(crash) = &self.crash {
-            out.push_str(",\"crash\":");
-            out.push_str(crash);
+        if let Some((key, report)) = &self.crash {
+            let _ = write!(out, ",\"{key}\":{report}");
         }
         out.push_str("}\n");
         out
