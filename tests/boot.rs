@@ -165,6 +165,10 @@ fn serial_input_reaches_the_guest() {
 fn sigterm_stops_the_vm_cleanly() {
     sandboxed!();
     let vm = Vm::guest_running("sleep 600").spawn_until(READY, Duration::from_secs(300));
+    // The shell is still starting `sleep` when READY appears (CI once caught vCPU 0 in
+    // user space there); two seconds on, the guest is idle in the kernel and the vCPU
+    // has been sampled there many times over (every 100 ms).
+    std::thread::sleep(Duration::from_secs(2));
     vm.signal(libc_sigterm());
     let out = vm.finish(Duration::from_secs(30));
     assert_eq!(out.code, Some(128 + libc_sigterm()), "{}", out.dump());
