@@ -780,10 +780,29 @@ class Exec:
         if subject["name"] == "ferrovm-exec":
             return [vms.FERROVM, "exec", "--kernel", self.kernel, "--cpus", self.cpus,
                     "--timeout", str(self.p["vm_timeout"]), "--"] + argv
-        vng = shutil.which("vng")
+        # scripts/setup bench installs it with pipx, into ~/.local/bin.
+        vng = shutil.which("vng") or shutil.which("vng", path=os.path.expanduser("~/.local/bin"))
         if not vng:
-            raise Unavailable("virtme-ng is not installed (pip install virtme-ng)")
+            raise Unavailable("virtme-ng is not installed (scripts/setup bench, or "
+                              "pip install virtme-ng)")
+        if not self.rust_virtiofsd():
+            # Without it vng 1.42 falls back to 9p, which the project's kernel lacks, and
+            # exits 255 with nothing on stderr.
+            raise Unavailable("vng shares the root through the Rust virtiofsd only, and "
+                              "there is none in PATH or ~/.cargo/bin (scripts/setup bench, "
+                              "or cargo install virtiofsd)")
         return [vng, "-r", self.kernel, "--cpus", self.cpus, "--"] + argv
+
+    @staticmethod
+    def rust_virtiofsd():
+        """The Rust virtiofsd's directory (PATH first, then ~/.cargo/bin), or None. QEMU's
+        C daemon in /usr/lib/qemu is not one vng 1.42 uses for the root."""
+        for d in os.environ.get("PATH", "").split(os.pathsep) + [
+                os.path.expanduser("~/.cargo/bin")]:
+            f = os.path.join(d, "virtiofsd")
+            if d and os.access(f, os.X_OK) and not f.startswith("/usr/lib/qemu"):
+                return d
+        return None
 
     @property
     def commands(self):
@@ -802,6 +821,8 @@ class Exec:
         if subject["name"] == "vng" and os.path.isdir("/dev/shm"):
             # vng puts virtiofsd's socket in TMPDIR; the sandbox's /tmp (9p) takes none.
             env["TMPDIR"] = "/dev/shm"
+        if subject["name"] == "vng":
+            env["PATH"] = self.rust_virtiofsd() + os.pathsep + env.get("PATH", "")
         start = time.monotonic()
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
@@ -810,8 +831,10 @@ class Exec:
             raise GuestError(f"{' '.join(cmd)} timed out")
         secs = time.monotonic() - start
         if proc.returncode != 0:
+            # vng says why it failed on stdout as often as on stderr.
             raise GuestError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
-                             f"{proc.stderr.decode(errors='replace')[-2000:]}")
+                             f"stderr: {proc.stderr.decode(errors='replace')[-2000:]}\n"
+                             f"stdout: {proc.stdout.decode(errors='replace')[-1000:]}")
         return secs, proc.stdout.decode(errors="replace")
 
     def run(self, subject):
