@@ -827,8 +827,10 @@ class Exec:
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=self.p["vm_timeout"], env=env)
-        except subprocess.TimeoutExpired:
-            raise GuestError(f"{' '.join(cmd)} timed out")
+        except subprocess.TimeoutExpired as e:
+            raise GuestError(f"{' '.join(cmd)} timed out after {self.p['vm_timeout']} s; "
+                             f"stderr so far: {(e.stderr or b'').decode(errors='replace')[-2000:]}\n"
+                             f"stdout so far: {(e.output or b'').decode(errors='replace')[-1000:]}")
         secs = time.monotonic() - start
         if proc.returncode != 0:
             # vng says why it failed on stdout as often as on stderr.
