@@ -818,26 +818,32 @@ class Exec:
     def timed(self, subject, argv):
         cmd = self.command(subject, argv)
         env = dict(os.environ)
-        if subject["name"] == "vng" and os.path.isdir("/dev/shm"):
-            # vng puts virtiofsd's socket in TMPDIR; the sandbox's /tmp (9p) takes none.
-            env["TMPDIR"] = "/dev/shm"
         if subject["name"] == "vng":
+            # command() made sure there is one.
             env["PATH"] = self.rust_virtiofsd() + os.pathsep + env.get("PATH", "")
+            if os.path.isdir("/dev/shm"):
+                # vng puts virtiofsd's socket in TMPDIR; the sandbox's /tmp (9p) takes none.
+                env["TMPDIR"] = "/dev/shm"
         start = time.monotonic()
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=self.p["vm_timeout"], env=env)
         except subprocess.TimeoutExpired as e:
             raise GuestError(f"{' '.join(cmd)} timed out after {self.p['vm_timeout']} s; "
-                             f"stderr so far: {(e.stderr or b'').decode(errors='replace')[-2000:]}\n"
-                             f"stdout so far: {(e.output or b'').decode(errors='replace')[-1000:]}")
+                             f"so far:\n{self.tails(e.stderr, e.output)}")
         secs = time.monotonic() - start
         if proc.returncode != 0:
-            # vng says why it failed on stdout as often as on stderr.
             raise GuestError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
-                             f"stderr: {proc.stderr.decode(errors='replace')[-2000:]}\n"
-                             f"stdout: {proc.stdout.decode(errors='replace')[-1000:]}")
+                             f"{self.tails(proc.stderr, proc.stdout)}")
         return secs, proc.stdout.decode(errors="replace")
+
+    @staticmethod
+    def tails(stderr, stdout):
+        """The ends of a failed run's stderr and stdout (either may be None): vng says why
+        it failed on stdout as often as on stderr."""
+        err = (stderr or b"").decode(errors="replace")[-2000:]
+        out = (stdout or b"").decode(errors="replace")[-1000:]
+        return f"stderr: {err}\nstdout: {out}"
 
     def run(self, subject):
         true_s, _ = self.timed(subject, ["true"])
